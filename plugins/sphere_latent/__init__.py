@@ -1,0 +1,1 @@
+"""sphere_latent plugin (in progress)."""

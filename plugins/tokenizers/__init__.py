@@ -1,0 +1,1 @@
+"""tokenizers plugin (in progress)."""
