@@ -29,6 +29,11 @@ from spheregen.config import Component, ConfigError, component_field, read_toml,
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+def _check_run_id(value: str) -> None:
+    if not _RUN_ID.match(value):
+        raise ValueError(f"method name {value!r} must be lowercase letters, digits, '-' or '_'")
+
+
 def _positive(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"'{attribute.name}' must be > 0, got {value}")
@@ -111,17 +116,12 @@ class MethodEntry:
     """One method of the comparison; ``train`` is the experiment's [train] with this
     method's overrides applied."""
 
-    name: str
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_run_id(v))
     method: Component = component_field("method")
     sampler: Component | None = attrs.field(default=None, metadata={"kind": "sampler"})
     guidance: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
     steps: tuple[int, ...] | None = attrs.field(default=None, validator=_steps)
     train: TrainConfig = attrs.field(factory=TrainConfig)
-
-    @name.validator
-    def _check_name(self, _attr: attrs.Attribute, value: str) -> None:
-        if not _RUN_ID.match(value):
-            raise ValueError(f"method name {value!r} must be lowercase letters, digits, '-' or '_'")
 
 
 @attrs.frozen(kw_only=True)

@@ -83,8 +83,8 @@ class Registry:
 
     def unknown_message(self, name: Any) -> str:
         close = difflib.get_close_matches(str(name), self.names(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} Registered {self.kind}s: {', '.join(self.names()) or '(none)'}"
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown {self.kind} {name!r}{hint}. Registered {self.kind}s: {', '.join(self.names()) or '(none)'}"
 
     def build(self, name: str, cfg: Any, ctx: Any) -> Any:
         entry = self.get(name)
