@@ -87,9 +87,11 @@ def to_float(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """float B×C×H×W in [-1, 1] -> uint8, as the official eval: floor(clamp(x/2+.5)·255)."""
+    """float B×C×H×W in [-1, 1] -> uint8 by floor(clamp(x/2+.5)·255) as the official
+    eval, plus a 1e-3 guard so an exact k/255 that float error puts a hair below k maps
+    back to k (real images survive the round trip unchanged)."""
     x = images.detach().float().mul(0.5).add(0.5).clamp(0.0, 1.0)
-    return x.mul(255.0).floor().to(torch.uint8).cpu()
+    return x.mul(255.0).add(1e-3).floor().clamp(max=255).to(torch.uint8).cpu()
 
 
 class Split:

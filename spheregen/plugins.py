@@ -106,7 +106,20 @@ def build_registries(extra: Iterable[tuple[str, Any]] = ()) -> Registries:
     return fill(pm, providers)
 
 
-@functools.cache
+_current: Registries | None = None
+
+
 def registries() -> Registries:
     """The process-wide registries, loaded once."""
-    return build_registries()
+    global _current
+    if _current is None:
+        _current = build_registries()
+    return _current
+
+
+def set_registries(regs: Registries | None) -> Registries | None:
+    """Replace the process-wide registries (tests add in-process plugins this way);
+    None reloads from entry points on next use. Returns the previous value."""
+    global _current
+    previous, _current = _current, regs
+    return previous

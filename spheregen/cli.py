@@ -1,0 +1,141 @@
+"""``spheregen``: list | train | sample | evaluate | report | run.
+
+Thin by design: each command loads the experiment into a Workspace and calls one stage.
+Errors a user can fix (SpheregenError) print one message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+
+from spheregen.errors import SpheregenError
+from spheregen.experiment import load_experiment
+from spheregen.registry import KINDS
+from spheregen.workspace import Workspace
+
+
+def _workspace(args: argparse.Namespace) -> Workspace:
+    exp = load_experiment(args.experiment)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Workspace(exp, args.runs_dir, args.reports_dir, device)
+
+
+def _entries(ws: Workspace, names: list[str] | None) -> list[Any]:
+    return [ws.exp.method(n) for n in names] if names else list(ws.exp.methods)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from spheregen.plugins import registries
+
+    regs = registries()
+    table = {
+        kind: [{"name": e.name, "plugin": e.provider.plugin, "distribution": e.provider.distribution,
+                "version": e.provider.version, "doc": e.doc} for e in regs[kind]]
+        for kind in KINDS
+    }
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    for kind, entries in table.items():
+        print(f"{kind}s:")
+        for e in entries:
+            print(f"  {e['name']:<22} {e['plugin']:<16} {e['doc']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from spheregen.runner import train
+
+    ws = _workspace(args)
+    for entry in _entries(ws, args.method):
+        if args.skip_trained and ws.paths.final(entry.name).is_file() and not (args.resume or args.fresh):
+            print(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
+            continue
+        path = train(ws, entry, resume=args.resume, fresh=args.fresh)
+        print(f"{entry.name}: weights at {path}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from spheregen.evaluation import sample_entry
+
+    ws = _workspace(args)
+    for entry in _entries(ws, args.method):
+        for path in sample_entry(ws, entry, ws.device):
+            print(f"{entry.name}: {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from spheregen.evaluation import evaluate
+
+    ws = _workspace(args)
+    print(f"results: {evaluate(ws, args.method, ws.device)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from spheregen.report import build_report
+
+    ws = _workspace(args)
+    print(f"report: {build_report(ws)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    args.skip_trained = not (args.resume or args.fresh)
+    for stage in (cmd_train, cmd_sample, cmd_evaluate, cmd_report):
+        stage(args)
+
+
+def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
+    p.add_argument("experiment", help="experiment TOML file, e.g. experiments/quickstart.toml")
+    p.add_argument("--runs-dir", default=os.environ.get("SPHEREGEN_RUNS", "runs"), help="checkpoints and samples")
+    p.add_argument("--reports-dir", default=os.environ.get("SPHEREGEN_REPORTS", "reports"), help="tables and plots")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    if methods:
+        p.add_argument("--method", action="append", help="only this method (repeatable); default: all")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spheregen", description="Benchmark sphere-based image generators head to head.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="every registered component by kind, with its plugin")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_list)
+    for name, fn, text in (
+        ("train", cmd_train, "train each method (checkpoints in runs/<experiment>/<method>/)"),
+        ("run", cmd_run, "train, sample, evaluate and report, in order"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.add_argument("--fresh", action="store_true", help="delete the method's run directory and retrain")
+        p.set_defaults(fn=fn, skip_trained=False)
+    for name, fn, text in (
+        ("sample", cmd_sample, "sample each method at each step count (runs/<experiment>/samples/)"),
+        ("evaluate", cmd_evaluate, "score the samples, count FLOPs, time sampling -> results.parquet"),
+        ("report", cmd_report, "tables and plots from results.parquet and the samples"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p, methods=name != "report")
+        p.set_defaults(fn=fn)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SpheregenError as exc:
+        print(f"spheregen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spheregen: interrupted; completed checkpoints and results are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

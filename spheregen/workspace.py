@@ -1,0 +1,83 @@
+"""An experiment bound to its files: builds data, methods, samplers and metrics through
+the registries. Every stage (train, sample, evaluate, report) starts from one."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spheregen.config import Component, make_component
+from spheregen.data import Data
+from spheregen.experiment import Experiment, MethodEntry
+from spheregen.interfaces import BuildContext, MetricContext
+from spheregen.paths import Paths
+from spheregen.plugins import registries
+
+
+def build_component(kind: str, component: Component | str, ctx: Any) -> Any:
+    """Build ``component`` (a Component or a bare name with default config) of ``kind``."""
+    if isinstance(component, str):
+        component = make_component(kind, component)
+    return registries()[kind].build(component.name, component.config, ctx)
+
+
+class Workspace:
+    def __init__(self, exp: Experiment, runs_root: str | Path = "runs", reports_root: str | Path = "reports",
+                 device: torch.device | None = None):
+        self.exp = exp
+        self.paths = Paths(Path(runs_root), Path(reports_root), exp.name)
+        self.device = device or torch.device("cpu")
+
+    @functools.cached_property
+    def data(self) -> Data:
+        source = build_component("dataset", self.exp.data.source, None)
+        return Data(self.exp.data, source, self.paths.cache)
+
+    def build_context(self, device: torch.device | None = None) -> BuildContext:
+        ctx: BuildContext | None = None
+
+        def build(kind: str, component: Component | str) -> Any:
+            return build_component(kind, component, ctx)
+
+        ctx = BuildContext(
+            data=self.data.spec,
+            build=build,
+            train_data=lambda: (self.data.train.images, self.data.train.labels),
+            cache_dir=str(self.paths.cache),
+            device=device or self.device,
+        )
+        return ctx
+
+    def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
+        return build_component("method", entry.method, self.build_context(device))
+
+    def build_sampler(self, entry: MethodEntry, method: Any) -> Any:
+        sampler = entry.sampler if entry.sampler is not None else method.default_sampler
+        return build_component("sampler", sampler, self.build_context())
+
+    def sampler_name(self, entry: MethodEntry, method: Any) -> str:
+        return entry.sampler.name if entry.sampler is not None else method.default_sampler
+
+    def metric_context(self, device: torch.device | None = None) -> MetricContext:
+        d = self.data
+        return MetricContext(
+            data=d.spec,
+            train_images=d.train.images,
+            train_labels=d.train.labels,
+            test_images=d.test.images,
+            test_labels=d.test.labels,
+            cache_dir=str(self.paths.cache),
+            device=device or self.device,
+            dataset_key=d.key,
+        )
+
+    def build_metrics(self, device: torch.device | None = None) -> list[tuple[str, Any]]:
+        ctx = self.metric_context(device)
+        return [(c.name, build_component("metric", c, ctx)) for c in self.exp.eval.metrics]
+
+    def reference_images(self) -> torch.Tensor:
+        split = self.data.train if self.exp.eval.reference == "train" else self.data.test
+        return split.images

@@ -1,0 +1,57 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the network: hub libraries fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def toy_registries():
+    """The installed plugins plus the in-process toy plugin (tests/toy_plugin.py)."""
+    import toy_plugin
+
+    from spheregen import plugins
+
+    regs = plugins.build_registries(extra=[("toy", toy_plugin)])
+    previous = plugins.set_registries(regs)
+    yield regs
+    plugins.set_registries(previous)
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path):
+    """A toy experiment on 8×8 sklearn digits, written as a TOML file."""
+
+    def make(extra: str = "", methods: str | None = None) -> Path:
+        methods = methods or '[[methods]]\nname = "toy"\nmethod = "toy-ae"\n'
+        text = f'''name = "tiny"
+seed = 0
+[data]
+source = "digits"
+image_size = 8
+channels = 1
+[train]
+steps = 6
+batch_size = 16
+lr = 0.01
+checkpoint_every = 3
+log_every = 1
+[eval]
+steps = [1, 2]
+num_samples = 40
+batch_size = 20
+throughput_batch = 8
+{extra}
+{methods}'''
+        path = tmp_path / "tiny.toml"
+        path.write_text(text)
+        return path
+
+    return make
