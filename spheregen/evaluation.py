@@ -125,9 +125,15 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
 
 
 def write_results(ws: Workspace, rows: list[dict[str, Any]]) -> Path:
+    """Write the rows; rows of methods not re-evaluated now are kept from the old file."""
     report = ws.paths.report
     frame = pl.from_dicts(rows, infer_schema_length=None)
     path = report / "results.parquet"
+    if path.is_file():
+        old = pl.read_parquet(path).filter(~pl.col("method").is_in(frame["method"].unique().to_list()))
+        old = old.filter(pl.col("method").is_in([m.name for m in ws.exp.methods]))
+        if len(old):
+            frame = pl.concat([old, frame], how="diagonal_relaxed")
     atomic_write(path, lambda p: frame.write_parquet(p))
     atomic_write_json(report / "config.resolved.json", {
         "experiment": to_dict(ws.exp),

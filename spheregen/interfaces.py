@@ -4,6 +4,10 @@ Every component is built by a factory registered under a kebab-case name togethe
 a frozen attrs config class: ``factory(cfg, ctx) -> component``. ``ctx`` is a
 :class:`BuildContext` for models and a :class:`MetricContext` for metrics.
 
+A config class may define a classmethod ``tiny()`` returning a config small enough to
+build and run in a second on a CPU; the contract tests (tests/contract/), which run
+against every registered component, use it instead of the defaults.
+
 Conventions shared by every kind:
 
 * images are float tensors in [-1, 1], shape B×C×H×W (C = ``DataSpec.channels``);

@@ -1,0 +1,28 @@
+# The two entry points of the README. Both create .venv on first use.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test test-slow benchmark
+
+$(BIN)/spheregen: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch and torchvision as a matched pair first (a CUDA build that also runs on CPU)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/spheregen
+
+install: $(BIN)/spheregen
+
+quickstart: install
+	$(BIN)/spheregen run experiments/quickstart.toml
+
+test: install
+	$(BIN)/pytest
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+benchmark: install
+	$(BIN)/python benchmarks/bench_sampling.py

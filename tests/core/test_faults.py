@@ -1,0 +1,46 @@
+"""A killed job and bad input cost minutes, not results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TOY_CLI = Path(__file__).resolve().parents[1] / "toy_cli.py"
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(TOY_CLI), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_experiment, tmp_path):
+    methods = ('[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\nsteps = 300\n'
+               'checkpoint_every = 40\nema_decay = 0.9\n')
+    exp = tiny_experiment("", methods)
+    ref = cli("train", exp, "--runs-dir", tmp_path / "ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(TOY_CLI), "train", str(exp), "--runs-dir", str(tmp_path / "killed")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "tiny" / "toy" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step-0000080").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "tiny" / "toy" / "final").exists(), "killed too late: the run finished"
+    resumed = cli("train", exp, "--runs-dir", tmp_path / "killed", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "ref" / "tiny" / "toy" / "final" / "weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "tiny" / "toy" / "final" / "weights.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
