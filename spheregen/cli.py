@@ -84,6 +84,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    # Metrics are built first: missing weights or an unusable feature space must fail
+    # before an hour of training, not after.
+    _workspace(args).build_metrics()
     args.skip_trained = not (args.resume or args.fresh)
     for stage in (cmd_train, cmd_sample, cmd_evaluate, cmd_report):
         stage(args)

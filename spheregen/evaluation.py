@@ -78,17 +78,19 @@ def _provider(kind: str, name: str) -> str:
     return f"{p.distribution}=={p.version}"
 
 
+@torch.no_grad()
 def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, steps: int, device: torch.device) -> dict[str, Any]:
     ev = ws.exp.eval
     count = flops.count_sampling_flops(sampler, method, steps, entry.guidance, device=device)
     labels = balanced_labels(ev.throughput_batch, ws.data.spec.num_classes).to(device)
     speed = flops.measure_throughput(lambda: sampler.sample(method, labels, steps, entry.guidance, None),
-                                     batch=ev.throughput_batch, device=device)
+                                     batch=ev.throughput_batch, warmup=1, repeats=3, device=device)
     return {
         "nfe": sampler.nfe(steps, entry.guidance),
         "gflops_per_image": count.total / 1e9,
         "gflops_paper": count.paper / 1e9,
         "images_per_s": speed.images_per_s,
+        "latency_s": speed.latency_s,
     }
 
 

@@ -256,8 +256,8 @@ class Trainer:
     # -- loop
 
     def train(self, resume: bool = False, fresh: bool = False) -> Path:
+        self._setup()  # builds everything first: a config or weights error writes nothing
         self._check_run_dir(resume, fresh)
-        self._setup()
         if resume:
             self.load_latest()
         elif list_checkpoints(self.ws.paths.checkpoints(self.entry.name)):

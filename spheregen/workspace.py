@@ -11,17 +11,24 @@ import torch
 
 from spheregen.config import Component, make_component
 from spheregen.data import Data
+from spheregen.errors import ConfigError
 from spheregen.experiment import Experiment, MethodEntry
 from spheregen.interfaces import BuildContext, MetricContext
 from spheregen.paths import Paths
 from spheregen.plugins import registries
 
 
-def build_component(kind: str, component: Component | str, ctx: Any) -> Any:
-    """Build ``component`` (a Component or a bare name with default config) of ``kind``."""
+def build_component(kind: str, component: Component | str, ctx: Any, where: str = "") -> Any:
+    """Build ``component`` (a Component or a bare name with default config) of ``kind``.
+
+    A factory that rejects its config for this data (ValueError: an image size the patch
+    does not divide, say) becomes a ConfigError naming ``where`` and the component."""
     if isinstance(component, str):
         component = make_component(kind, component)
-    return registries()[kind].build(component.name, component.config, ctx)
+    try:
+        return registries()[kind].build(component.name, component.config, ctx)
+    except ValueError as exc:
+        raise ConfigError(f"{where or 'config'}: {kind} '{component.name}' cannot be built: {exc}") from exc
 
 
 class Workspace:
@@ -33,7 +40,7 @@ class Workspace:
 
     @functools.cached_property
     def data(self) -> Data:
-        source = build_component("dataset", self.exp.data.source, None)
+        source = build_component("dataset", self.exp.data.source, None, f"{self.exp.source}: data.source")
         return Data(self.exp.data, source, self.paths.cache)
 
     def build_context(self, device: torch.device | None = None) -> BuildContext:
@@ -52,11 +59,12 @@ class Workspace:
         return ctx
 
     def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
-        return build_component("method", entry.method, self.build_context(device))
+        return build_component("method", entry.method, self.build_context(device),
+                               f"{self.exp.source}: methods '{entry.name}'")
 
     def build_sampler(self, entry: MethodEntry, method: Any) -> Any:
         sampler = entry.sampler if entry.sampler is not None else method.default_sampler
-        return build_component("sampler", sampler, self.build_context())
+        return build_component("sampler", sampler, self.build_context(), f"{self.exp.source}: methods '{entry.name}'")
 
     def sampler_name(self, entry: MethodEntry, method: Any) -> str:
         return entry.sampler.name if entry.sampler is not None else method.default_sampler
@@ -76,7 +84,7 @@ class Workspace:
 
     def build_metrics(self, device: torch.device | None = None) -> list[tuple[str, Any]]:
         ctx = self.metric_context(device)
-        return [(c.name, build_component("metric", c, ctx)) for c in self.exp.eval.metrics]
+        return [(c.name, build_component("metric", c, ctx, f"{self.exp.source}: eval.metrics")) for c in self.exp.eval.metrics]
 
     def reference_images(self) -> torch.Tensor:
         split = self.data.train if self.exp.eval.reference == "train" else self.data.test

@@ -1,0 +1,162 @@
+"""The ``sphere-encoder`` method: encoder, decoder, spherical noise and the three losses
+(SPEC A4, A6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spheregen.interfaces import BuildContext, DataSpec
+from spheregen_plugins.sphere_encoder import sphere
+from spheregen_plugins.sphere_encoder.config import SIZES, SphereEncoderConfig, official_patch_size
+from spheregen_plugins.sphere_encoder.losses import Perceptual, distance, latent_consistency
+from spheregen_plugins.sphere_encoder.networks import Decoder, Encoder
+
+
+def latent_channels(channels: int, patch: int, ratio: float) -> int:
+    """d = int(C·H² / (H/P)² / ratio) = int(C·P² / ratio).
+
+    The official code hard-codes C = 3; we use the data's channels so that the ratio
+    keeps its meaning (pixel dims / latent dims) on 1-channel data. With the core's
+    default of replicating grayscale to 3 channels this is the official value."""
+    d = int(channels * patch * patch / ratio)
+    if d < 1:
+        raise ValueError(
+            f"compression_ratio {ratio} leaves no latent channel at patch {patch} and {channels} channels"
+        )
+    return d
+
+
+class SphereEncoder(nn.Module):
+    """Encoder E and decoder D of the pixel-space Sphere Encoder.
+
+    Latents are B×d×h×w (h = w = image_size / patch); ``spherify`` puts them on the
+    sphere of radius √L, L = d·h·w. Labels: int64 B, or None for the null class."""
+
+    default_sampler = "sphere"
+
+    def __init__(self, cfg: SphereEncoderConfig, data: DataSpec):
+        super().__init__()
+        patch = cfg.patch_size if cfg.patch_size is not None else official_patch_size(data.image_size)
+        if data.image_size % patch:
+            raise ValueError(f"image_size {data.image_size} is not divisible by patch_size {patch}")
+        width, depth, heads = SIZES[cfg.size]
+        self.cfg = cfg
+        self.patch = patch
+        self.num_classes = data.num_classes if cfg.conditional else 0
+        d = latent_channels(data.channels, patch, cfg.compression_ratio)
+        grid = data.image_size // patch
+        self.latent_shape: tuple[int, int, int] = (d, grid, grid)
+        self.sigma_max = sphere.sigma_max(cfg.noise_angle)
+        common = dict(image_size=data.image_size, channels=data.channels, patch=patch, latent_dim=d,
+                      width=width, depth=depth, heads=heads, mixer_depth=cfg.mixer_depth,
+                      mixer_affine=cfg.mixer_affine, num_classes=self.num_classes,
+                      label_dropout=cfg.label_dropout)
+        self.encoder = Encoder(**common)
+        self.decoder = Decoder(**common, head=cfg.head)
+        needs_perceptual = cfg.perc_weight > 0 or (cfg.pixel_consistency and cfg.con_perc_weight > 0)
+        self._perceptual = Perceptual() if needs_perceptual else None
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def latent_dim(self) -> int:
+        """L, the number of latent dims; the sphere's radius is √L."""
+        d, h, w = self.latent_shape
+        return d * h * w
+
+    def _labels(self, labels: Tensor | None) -> Tensor | None:
+        return labels if self.conditional else None
+
+    # ------------------------------------------------------------ networks
+
+    def encode_raw(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """B×C×H×W in [-1, 1] -> raw (pre-f) latent B×d×h×w."""
+        return self.encoder(images, self._labels(labels))
+
+    @staticmethod
+    def spherify(z: Tensor) -> Tensor:
+        return sphere.spherify(z)
+
+    def encode(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Images -> latents on the sphere, f(E(x))."""
+        return sphere.spherify(self.encode_raw(images, labels))
+
+    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """B×d×h×w latent (on the sphere) -> images in (-1, 1)."""
+        return self.decoder(z, self._labels(labels))
+
+    # ------------------------------------------------------------ training
+
+    def noisy_latents(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(v_NOISY, v_noisy) from spherified latents v, with one shared noise draw e:
+        σ = r·σmax with r stratified (one 0, one 1) and hard cases mixed in, and
+        σ_sub = r·s·0.5·σmax with the pre-mixing r and a second stratified s."""
+        b = v.shape[0]
+        r = sphere.stratified_unit_radii(b, device=v.device)
+        s = sphere.stratified_unit_radii(b, device=v.device)
+        r_big = sphere.mix_hard_cases(r, self.cfg.hard_case_prob, self.cfg.noise_angle, self.cfg.hard_case_fix)
+        e = torch.randn_like(v)
+        v_big = sphere.perturb(v, r_big * self.sigma_max, e)
+        v_small = sphere.perturb(v, r * s * 0.5 * self.sigma_max, e)
+        return v_big, v_small
+
+    def _perc(self, pred: Tensor, target: Tensor) -> Tensor:
+        assert self._perceptual is not None
+        return self._perceptual(pred, target)
+
+    def loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """images B×C×H×W in [-1, 1], labels B -> (scalar loss, float logs)."""
+        cfg = self.cfg
+        b = images.shape[0]
+        if b < 3:
+            raise ValueError(f"the Sphere Encoder needs a batch of at least 3 per device (stratified noise), got {b}")
+        labels = self._labels(labels)
+        z = self.encode_raw(images, labels)
+        v_big, v_small = self.noisy_latents(sphere.spherify(z))
+        terms: dict[str, Tensor] = {}
+        if cfg.pixel_consistency:
+            both = None if labels is None else torch.cat([labels, labels])
+            x_big, x_small = self.decoder(torch.cat([v_big, v_small]), both).chunk(2)
+        else:
+            x_big = x_small = self.decoder(v_big, labels)
+        # Recon targets D(v_noisy) (or D(v_NOISY) without pixel consistency), not D(v).
+        terms["recon_dist"] = cfg.dist_weight * distance(x_small, images)
+        if cfg.perc_weight > 0:
+            terms["recon_perc"] = cfg.perc_weight * self._perc(x_small, images)
+        if cfg.pixel_consistency:
+            target = x_small.detach()
+            terms["con_dist"] = cfg.con_dist_weight * distance(x_big, target)
+            if cfg.con_perc_weight > 0:
+                terms["con_perc"] = cfg.con_perc_weight * self._perc(x_big, target)
+        if cfg.lat_con_weight > 0:
+            # Not detached: the gradient reaches D through x_big and E through both passes.
+            z_again = self.encode_raw(x_big, labels)
+            terms["lat_con"] = cfg.lat_con_weight * latent_consistency(z_again, z.detach())
+        total = torch.stack(list(terms.values())).sum()
+        # One device-to-host copy for all logs (the terms are logged weighted).
+        values = torch.stack([total, *terms.values()]).detach().float().tolist()
+        return total, dict(zip(["loss", *terms], values))
+
+    def forward(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """Same as :meth:`loss`, so a DDP / accelerate wrapper can call the method."""
+        return self.loss(images, labels)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Encoder at ``encoder_lr_scale`` (official 0.1), everything else at 1.0;
+        frozen parameters (sin-cos positions) are left out."""
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+        return [
+            {"params": enc, "lr_scale": self.cfg.encoder_lr_scale, "name": "encoder"},
+            {"params": rest, "lr_scale": 1.0, "name": "decoder"},
+        ]
+
+
+def build_method(cfg: SphereEncoderConfig, ctx: BuildContext) -> SphereEncoder:
+    """Pixel-space Sphere Encoder (Yue et al.): ViT encoder/decoder on a spherical latent."""
+    return SphereEncoder(cfg, ctx.data).to(ctx.device)

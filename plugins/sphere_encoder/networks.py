@@ -1,0 +1,152 @@
+"""The Sphere Encoder's two ViTs (SPEC A5).
+
+Encoder: B×C×H×W image -> raw latent B×d×h×w (h = H/P), to be spherified outside.
+Decoder: B×d×h×w latent on the sphere -> B×C×H×W image in (-1, 1).
+Both are class-conditional through AdaLN-Zero when ``num_classes > 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from spheregen_plugins.sphere_encoder.layers import (
+    Block,
+    LabelEmbedder,
+    Mixer,
+    ModulatedLinear,
+    axial_rope_2d,
+    sincos_pos_embed_2d,
+)
+
+CONV_HEAD_CHANNELS = 32
+
+
+class _ViT(nn.Module):
+    """What encoder and decoder share: frozen sin-cos positions, RoPE tables, the label
+    embedder, the blocks and a modulated head."""
+
+    def __init__(self, *, grid: int, width: int, depth: int, heads: int, head_out: int,
+                 num_classes: int, label_dropout: float):
+        super().__init__()
+        self.grid, self.width = grid, width
+        self.conditional = num_classes > 0
+        # A frozen Parameter (not a buffer), as the official code: it is in the
+        # checkpoint and in the parameter counts the papers report.
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+        cos, sin = axial_rope_2d(width // heads, grid)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.label_embed = LabelEmbedder(num_classes, width, label_dropout) if self.conditional else None
+        self.blocks = nn.ModuleList(Block(width, heads, self.conditional) for _ in range(depth))
+        self.head = ModulatedLinear(width, head_out, self.conditional)
+
+    def condition(self, labels: Tensor | None, batch: int) -> Tensor | None:
+        if self.label_embed is None:
+            return None
+        return self.label_embed(labels, batch).unsqueeze(1)
+
+    def run_blocks(self, tokens: Tensor, c: Tensor | None) -> Tensor:
+        rope = (self.rope_cos, self.rope_sin)
+        for blk in self.blocks:
+            tokens = blk(tokens, c, rope)
+        return self.head(tokens, c)
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.table.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (Block, ModulatedLinear)) and m.adaLN is not None:
+                nn.init.zeros_(m.adaLN[-1].weight)
+                nn.init.zeros_(m.adaLN[-1].bias)
+        # Zero heads: at init the encoder emits the all-zero latent and the decoder
+        # mid-gray (tanh 0).
+        nn.init.zeros_(self.head.linear.weight)
+        nn.init.zeros_(self.head.linear.bias)
+
+
+class Encoder(_ViT):
+    """Conv P×P/P (no bias) -> 1×1 conv -> +pos -> blocks -> head to d -> mixer(d)."""
+
+    def __init__(self, *, image_size: int, channels: int, patch: int, latent_dim: int, width: int,
+                 depth: int, heads: int, mixer_depth: int, mixer_affine: bool, num_classes: int,
+                 label_dropout: float):
+        grid = image_size // patch
+        super().__init__(grid=grid, width=width, depth=depth, heads=heads, head_out=latent_dim,
+                         num_classes=num_classes, label_dropout=label_dropout)
+        self.latent_dim = latent_dim
+        self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch, bias=False)
+        self.patch_proj = nn.Conv2d(width, width, 1)
+        self.mixer = Mixer(grid * grid, latent_dim, mixer_depth, mixer_affine) if mixer_depth else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        for conv in (self.patch_embed, self.patch_proj):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_proj.bias)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        b = x.shape[0]
+        tokens = self.patch_proj(self.patch_embed(x)).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.mixer(self.run_blocks(tokens, self.condition(labels, b)))
+        return tokens.transpose(1, 2).reshape(b, self.latent_dim, self.grid, self.grid)
+
+
+class Decoder(_ViT):
+    """Linear(d -> W) -> mixer(W) -> +pos -> blocks -> head -> pixels -> tanh.
+
+    ``head='linear'``: P²·C values per token, unpatchify, Conv3×3 (reflect).
+    ``head='conv'``: 32 channels per token, Conv3×3 (reflect), SiLU,
+    ConvTranspose(k = P+2, stride P, pad 1)."""
+
+    def __init__(self, *, image_size: int, channels: int, patch: int, latent_dim: int, width: int,
+                 depth: int, heads: int, mixer_depth: int, mixer_affine: bool, num_classes: int,
+                 label_dropout: float, head: str):
+        grid = image_size // patch
+        head_out = patch * patch * channels if head == "linear" else CONV_HEAD_CHANNELS
+        super().__init__(grid=grid, width=width, depth=depth, heads=heads, head_out=head_out,
+                         num_classes=num_classes, label_dropout=label_dropout)
+        self.patch, self.channels, self.head_kind = patch, channels, head
+        self.embed = nn.Linear(latent_dim, width)
+        self.mixer = Mixer(grid * grid, width, mixer_depth, mixer_affine) if mixer_depth else nn.Identity()
+        if head == "linear":
+            self.pixel = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
+        elif head == "conv":
+            self.pixel = nn.Sequential(
+                nn.Conv2d(CONV_HEAD_CHANNELS, CONV_HEAD_CHANNELS, 3, padding=1, padding_mode="reflect"),
+                nn.SiLU(),
+                nn.ConvTranspose2d(CONV_HEAD_CHANNELS, channels, patch + 2, stride=patch, padding=1),
+            )
+        else:
+            raise ValueError(f"decoder head must be 'linear' or 'conv', got {head!r}")
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.normal_(self.embed.weight, std=1.0)
+        for m in self.pixel.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight, gain=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        b = z.shape[0]
+        tokens = self.mixer(self.embed(z.flatten(2).transpose(1, 2))) + self.pos_embed
+        tokens = self.run_blocks(tokens, self.condition(labels, b))
+        g, p = self.grid, self.patch
+        if self.head_kind == "linear":
+            img = tokens.view(b, g, g, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
+            img = img.reshape(b, self.channels, g * p, g * p)
+        else:
+            img = tokens.transpose(1, 2).reshape(b, CONV_HEAD_CHANNELS, g, g)
+        return torch.tanh(self.pixel(img))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,244 @@
+"""FLOPs per image, parameter counts and throughput.
+
+Two FLOPs conventions (SPEC A10, F):
+
+* ``true``: every op torch's ``FlopCounterMode`` counts (2·m·n·k per matmul, convs),
+  attention matmuls included;
+* ``paper``: the Sphere Latent Encoder paper's "GFLOPs": 2 × multiply-adds **excluding
+  attention matmuls** (fvcore skips ``scaled_dot_product_attention``), with every
+  classifier-free-guidance pass counted. Here: ``true`` minus the attention FLOPs.
+
+Attention is booked where it is called (``F.scaled_dot_product_attention``, or
+``F.multi_head_attention_forward`` for ``nn.MultiheadAttention``), not by whichever
+kernel the dispatcher picks, because FlopCounterMode sees different things per device:
+on CPU the fused ``_scaled_dot_product_flash_attention_for_cpu`` has no FLOP formula
+(counted 0), on ``meta`` SDPA decomposes into two ``bmm`` (counted as plain matmuls),
+on CUDA the flash/efficient kernels carry their own formula. :func:`count_flops` takes
+back what the counter saw inside each attention call and books the analytic
+2·B·Sq·Sk·(Dqk + Dv) as ``attention``, so the numbers agree on every device. Attention
+written by hand as ``softmax(q @ kᵀ) @ v`` is ordinary matmuls to the counter and is
+therefore *not* excluded by ``paper``; models should call SDPA.
+
+Counting works on the ``meta`` device, so paper-scale models (≈1B parameters) are
+counted with no memory and no compute: build the model under ``with
+torch.device("meta"):`` and count one sampling call at batch 1.
+:func:`count_sampling_flops` passes ``generator=None`` so the count never touches the
+caller's RNG stream (with torch 2.14 a CPU generator does drive meta random ops, but
+older releases refused). What cannot run on meta is host synchronisation: a sampler
+that calls ``.item()`` or branches on tensor values must be counted on a real device.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter
+from typing import Any, Callable, Literal, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+ATTENTION = "attention"
+Convention = Literal["true", "paper"]
+
+# Kernels an attention call may run, as FlopCounterMode names them: the fused ones of
+# each device, and the batched matmuls of the math path (meta) and of MHA's explicit
+# path (need_weights=True).
+_ATTENTION_OPS = frozenset(
+    str(op)
+    for op in (
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_cudnn_attention,
+        aten._flash_attention_forward,
+        aten._efficient_attention_forward,
+        aten.bmm,
+        aten.baddbmm,
+    )
+)
+
+
+@attrs.frozen(kw_only=True)
+class FlopCount:
+    """FLOPs of one call, divided by the number of images it produced.
+
+    ``total``: true FLOPs (attention included); ``attention``: the part spent in
+    attention calls; ``by_op``: true FLOPs per op name (``aten.mm``,
+    ``aten.convolution``, ..., and ``attention``).
+    """
+
+    total: int
+    attention: int
+    by_op: dict[str, int]
+    images: int = 1
+
+    @property
+    def paper(self) -> int:
+        """2 × multiply-adds excluding attention matmuls (SPEC A10)."""
+        return self.total - self.attention
+
+    def flops(self, convention: Convention = "true") -> int:
+        if convention == "true":
+            return self.total
+        if convention == "paper":
+            return self.paper
+        raise ValueError(f"unknown FLOPs convention {convention!r}; choose 'true' or 'paper'")
+
+    def gflops(self, convention: Convention = "true") -> float:
+        return self.flops(convention) / 1e9
+
+
+def sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int]) -> int:
+    """2·m·n·k for QKᵀ and for AV with batch and head dims folded:
+    2·B·Sq·Sk·(Dqk + Dv), B = prod(query_shape[:-2]) (grouped-query heads included)."""
+    batch = math.prod(query_shape[:-2])
+    s_q, d_qk = query_shape[-2:]
+    return 2 * batch * s_q * key_shape[-2] * (d_qk + value_shape[-1])
+
+
+def _sdpa_formula(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flops(query_shape, key_shape, value_shape)
+
+
+class _AttentionTally(TorchFunctionMode):
+    """Sees attention calls before dispatch and books them as attention.
+
+    For ``F.scaled_dot_product_attention`` the FLOPs are analytic; for
+    ``F.multi_head_attention_forward`` (nn.MultiheadAttention, nn.Transformer*) they are
+    what the counter saw for attention kernels inside the call. Either way the
+    counter's own entries for those kernels are taken back (``booked``), so nothing is
+    counted twice. Calls nested inside these functions never reach this mode.
+    """
+
+    def __init__(self, counter: FlopCounterMode):
+        super().__init__()
+        self.counter = counter
+        self.attention = 0
+        self.booked: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention and func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        before = self._counts()
+        out = func(*args, **kwargs)
+        delta = {op: n - before.get(op, 0) for op, n in self._counts().items() if op in _ATTENTION_OPS}
+        self.booked.update(delta)
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
+            self.attention += sdpa_flops(q.shape, k.shape, v.shape)
+        else:
+            self.attention += sum(delta.values())
+        return out
+
+    def _counts(self) -> dict[str, int]:
+        return {str(op): int(n) for op, n in self.counter.flop_counts.get("Global", {}).items()}
+
+
+def count_flops(fn: Callable[[], Any], images: int = 1) -> FlopCount:
+    """Run ``fn()`` once under FlopCounterMode (no grad) and return its FLOPs per image.
+
+    ``images`` is how many images ``fn`` produces (1 for the usual batch of 1). Works
+    with meta tensors: nothing is computed, only shapes propagate.
+    """
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    # the CPU fused SDPA kernel has no formula in torch; give it one so attention inside
+    # nn.MultiheadAttention on CPU is counted too
+    counter = FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_formula})
+    tally = _AttentionTally(counter)
+    with torch.no_grad(), counter, tally:
+        fn()
+    by_op = Counter({str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()})
+    by_op.subtract(tally.booked)
+    by_op[ATTENTION] += tally.attention
+    per_image = {op: n // images for op, n in sorted(by_op.items()) if n}
+    return FlopCount(
+        total=sum(per_image.values()), attention=per_image.get(ATTENTION, 0), by_op=per_image, images=images
+    )
+
+
+def count_sampling_flops(
+    sampler: Any,
+    method: Any,
+    steps: int,
+    guidance: float = 1.0,
+    label: int = 0,
+    device: torch.device | str | None = None,
+) -> FlopCount:
+    """FLOPs per image of one whole ``sampler.sample`` call at batch 1.
+
+    Every network pass the sampler makes is counted (encoder, denoiser, decoder, each
+    CFG pass). ``device`` defaults to the method's parameters' device (``meta`` when it
+    was built under ``torch.device("meta")``). The generator is None so meta works.
+    """
+    if device is None:
+        device = _module_device(method)
+    labels = torch.full((1,), label, dtype=torch.long, device=device)
+    return count_flops(lambda: sampler.sample(method, labels, steps, guidance, generator=None))
+
+
+def _module_device(module: Any) -> torch.device:
+    params = getattr(module, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+@attrs.frozen(kw_only=True)
+class ParamCount:
+    total: int
+    trainable: int
+
+
+def count_params(module: torch.nn.Module) -> ParamCount:
+    """Parameters of ``module`` (shared tensors once; meta tensors work)."""
+    params = list(module.parameters())
+    return ParamCount(
+        total=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Throughput:
+    """``latency_s``: median seconds per call; ``images_per_s``: batch / latency_s;
+    ``times_s``: every timed call."""
+
+    images_per_s: float
+    latency_s: float
+    batch: int
+    times_s: tuple[float, ...]
+
+
+def measure_throughput(
+    fn: Callable[[], Any],
+    batch: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> Throughput:
+    """Time ``fn()`` (which makes ``batch`` images) ``repeats`` times after ``warmup``
+    untimed calls, under no_grad. On CUDA each call is bracketed by a synchronize so
+    the time covers the kernels, not their launch. The median resists the noise of a
+    shared machine."""
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need batch >= 1, repeats >= 1, warmup >= 0; got {batch}, {repeats}, {warmup}")
+    device = torch.device(device) if device is not None else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        sync()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    latency = statistics.median(times)
+    return Throughput(images_per_s=batch / latency, latency_s=latency, batch=batch, times_s=tuple(times))
