@@ -83,6 +83,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {build_report(ws)}")
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from spheregen.report import write_edit_grid
+    from spheregen.runner import load_trained
+
+    ws = _workspace(args)
+    entry = ws.exp.method(args.method)
+    method = load_trained(ws, entry, ws.exp.eval.use_ema, ws.device)
+    ops = getattr(method, "edit_ops", ())
+    if args.op not in ops:
+        raise SpheregenError(f"method '{entry.name}' ({entry.method.name}) supports the edits {list(ops)}, not '{args.op}'")
+    print(f"{args.op}: {write_edit_grid(ws, entry, method, args.op, args.n, num=args.num, mode=args.mode)}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     # Metrics are built first: missing weights or an unusable feature space must fail
     # before an hour of training, not after.
@@ -124,6 +137,15 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p, methods=name != "report")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("edit", help="edits a method supports (Sphere Encoder: reconstruct, interpolate, "
+                                    "manipulate) on test images, written as a grid PNG")
+    _common(p, methods=False)
+    p.add_argument("op", help="reconstruct | interpolate | manipulate")
+    p.add_argument("--method", required=True, help="the method (run name) to edit with")
+    p.add_argument("-n", type=int, default=8, help="number of test images (one per class first)")
+    p.add_argument("--num", type=int, default=8, help="interpolation points")
+    p.add_argument("--mode", default="slerp", choices=["slerp", "lerp"], help="interpolation path")
+    p.set_defaults(fn=cmd_edit)
     return ap
 
 

@@ -153,3 +153,36 @@ def build_report(ws: Workspace) -> Path:
     path = out / "results.md"
     atomic_write_text(path, results_markdown(ws, df))
     return path
+
+
+def _first_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of n test images, cycling through the classes (so a grid shows each)."""
+    order = []
+    by_class = {int(c): (labels == c).nonzero().flatten().tolist() for c in labels.unique()}
+    rank = 0
+    while len(order) < min(n, len(labels)):
+        for idx in by_class.values():
+            if rank < len(idx) and len(order) < n:
+                order.append(idx[rank])
+        rank += 1
+    return torch.tensor(order, dtype=torch.int64)
+
+
+def write_edit_grid(ws: Workspace, entry, method, op: str, n: int, **options) -> Path:
+    """Run ``method.edit(op, ...)`` on n test images; rows are images. Returns the PNG."""
+    from spheregen.data import to_float, to_uint8
+
+    test = ws.data.test
+    idx = _first_per_class(test.labels, n)
+    device = next(method.parameters()).device
+    with torch.no_grad():
+        grid = method.edit(op, to_float(test.images[idx]).to(device), test.labels[idx].to(device), **options)
+    b, k = grid.shape[:2]
+    tiles = to_uint8(grid.flatten(0, 1)).view(b, k, *grid.shape[2:])
+    rows = torch.cat([torch.cat(list(r), dim=2) for r in tiles], dim=1).permute(1, 2, 0).numpy()
+    img = Image.fromarray(rows[..., 0] if rows.shape[2] == 1 else rows)
+    if img.width < 256:
+        img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    path = ws.paths.report / f"edit_{entry.name}_{op}.png"
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
+    return path

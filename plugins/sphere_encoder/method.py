@@ -146,6 +146,27 @@ class SphereEncoder(nn.Module):
         """Same as :meth:`loss`, so a DDP / accelerate wrapper can call the method."""
         return self.loss(images, labels)
 
+    edit_ops = ("reconstruct", "interpolate", "manipulate")
+
+    @torch.no_grad()
+    def edit(self, op: str, images: Tensor, labels: Tensor | None = None, num: int = 8,
+             mode: str = "slerp") -> Tensor:
+        """The paper's edits as image grids B×K×C×H×W (row b: one input image).
+
+        ``reconstruct``: [input, D(f(E(x)))] under the null class (K = 2);
+        ``interpolate``: image b to image (b+1) mod B in ``num`` points, ``mode`` slerp or
+        lerp; ``manipulate``: the latent of x under the null class decoded as every class."""
+        from spheregen_plugins.sphere_encoder import editing
+
+        if op == "reconstruct":
+            return torch.stack([images, editing.reconstruct(self, images)], dim=1)
+        if op == "interpolate":
+            return editing.interpolate(self, images, images.roll(-1, 0), num=num, mode=mode)
+        if op == "manipulate":
+            classes = torch.arange(max(1, self.num_classes), device=images.device)
+            return editing.manipulate_class(self, images, classes)
+        raise ValueError(f"unknown edit {op!r}; this method supports {list(self.edit_ops)}")
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Encoder at ``encoder_lr_scale`` (official 0.1), everything else at 1.0;
         frozen parameters (sin-cos positions) are left out."""
