@@ -1,1 +1,20 @@
-"""metrics plugin (in progress)."""
+"""Built-in metrics: FID, KID, Inception Score, precision/recall (torch-fidelity), in the
+Inception feature space or an offline domain-classifier feature space.
+
+Each factory is ``Metric(cfg, ctx) -> Metric`` with ``keys``, ``features``,
+``feature_info`` and ``compute(samples, reference)``; see
+:mod:`spheregen_plugins.metrics.fidelity`. FLOPs, parameters and throughput are not
+metrics of images; they live in :mod:`spheregen.flops`.
+"""
+
+import spheregen
+from spheregen_plugins.metrics.config import FidConfig, InceptionScoreConfig, KidConfig, PrecisionRecallConfig
+from spheregen_plugins.metrics.fidelity import FID, KID, InceptionScore, PrecisionRecall
+
+
+@spheregen.hookimpl
+def spheregen_register_metrics(register):
+    register("fid", FID, FidConfig)
+    register("kid", KID, KidConfig)
+    register("inception-score", InceptionScore, InceptionScoreConfig)
+    register("precision-recall", PrecisionRecall, PrecisionRecallConfig)

@@ -1,0 +1,97 @@
+"""Config classes of the metric plugins (frozen, keyword-only attrs, as every component).
+
+Every metric names its feature space in ``features``. The default is ``"inception"``
+(torch-fidelity's InceptionV3, the published convention); it needs a weights file that
+is checked when the metric is built, and a missing file is an error that names the
+offline alternative ``"domain-classifier"``. No feature space is ever substituted at
+run time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+FEATURES = ("inception", "domain-classifier")
+Features = Literal["inception", "domain-classifier"]
+
+_positive = attrs.validators.gt(0)
+
+
+@attrs.frozen(kw_only=True)
+class ClassifierConfig:
+    """The domain classifier spheregen trains as an offline feature space.
+
+    A small CNN of three conv stages (``width``, 2·``width``, 4·``width`` channels) at
+    the data's native resolution; its 4·``width``-dim global-pooled features serve
+    FID/KID/precision-recall and its logits serve the Inception Score. Trained with
+    AdamW and a one-cycle schedule, seeded, on the experiment's training split; the
+    result is cached per dataset key and config hash.
+    """
+
+    width: int = attrs.field(default=32, validator=_positive)
+    epochs: int = attrs.field(default=6, validator=_positive)
+    batch_size: int = attrs.field(default=128, validator=_positive)
+    lr: float = attrs.field(default=3e-3, validator=_positive)
+    weight_decay: float = attrs.field(default=1e-4, validator=attrs.validators.ge(0.0))
+    seed: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class FeatureMetricConfig:
+    """Options every torch-fidelity metric shares.
+
+    ``features``: ``inception`` (torch-fidelity ``inception-v3-compat``; weights from the
+    local torch hub cache) or ``domain-classifier`` (trained by spheregen on the
+    labelled training split, see :class:`ClassifierConfig`). ``batch_size``: images per
+    feature-extractor batch.
+    """
+
+    features: Features = attrs.field(default="inception", validator=attrs.validators.in_(FEATURES))
+    batch_size: int = attrs.field(default=64, validator=_positive)
+    classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
+
+    @classmethod
+    def tiny(cls):
+        """The offline feature space with a one-epoch classifier (contract tests)."""
+        return cls(features="domain-classifier", classifier=ClassifierConfig(width=8, epochs=1, batch_size=32))
+
+
+@attrs.frozen(kw_only=True)
+class FidConfig(FeatureMetricConfig):
+    """Fréchet distance between feature Gaussians of samples and reference."""
+
+
+@attrs.frozen(kw_only=True)
+class KidConfig(FeatureMetricConfig):
+    """Kernel (polynomial, degree 3) MMD² averaged over ``subsets`` random subsets.
+
+    The subset size used is ``min(subset_size, n_samples, n_reference)``: torch-fidelity
+    refuses a subset larger than either set, and small evaluations (a few hundred
+    samples) are normal here. With n_samples <= subset_size every subset holds all
+    samples, so ``kid_std`` then only reflects the choice of reference subsets.
+    ``seed`` fixes the subsets.
+    """
+
+    subsets: int = attrs.field(default=100, validator=_positive)
+    subset_size: int = attrs.field(default=1000, validator=attrs.validators.ge(2))
+    seed: int = 2020
+
+
+@attrs.frozen(kw_only=True)
+class InceptionScoreConfig(FeatureMetricConfig):
+    """exp(E KL(p(y|x) || p(y))) over ``splits`` splits of the shuffled samples (the
+    splits used are ``min(splits, n_samples)``); ``seed`` fixes the shuffle
+    (2020, as the official evaluation)."""
+
+    splits: int = attrs.field(default=10, validator=_positive)
+    seed: int = 2020
+
+
+@attrs.frozen(kw_only=True)
+class PrecisionRecallConfig(FeatureMetricConfig):
+    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN manifolds of
+    ``neighborhood`` neighbours; both sets need more than ``neighborhood`` images."""
+
+    neighborhood: int = attrs.field(default=3, validator=_positive)
