@@ -49,11 +49,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spheregen.runner import train
+    from spheregen.runner import is_trained, train
 
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
-        if args.skip_trained and ws.paths.final(entry.name).is_file() and not (args.resume or args.fresh):
+        if args.skip_trained and is_trained(ws, entry):
             print(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
         path = train(ws, entry, resume=args.resume, fresh=args.fresh)

@@ -84,7 +84,23 @@ def _structure_attrs(cls: type, data: Any, path: str, source: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{_where(source, path)}: invalid {cls.__name__}: {exc}") from exc
+        key = _failing_field(cls, kwargs)
+        where = _where(source, _join(path, key)) if key else _where(source, path)
+        raise ConfigError(f"{where}: invalid {cls.__name__}: {exc}") from exc
+
+
+def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
+    """The first given field whose own validator rejects its value (so the error can
+    name the key), or None when the failure is a cross-field check."""
+    for f in attrs.fields(cls):
+        if f.name in kwargs and f.validator is not None:
+            try:
+                f.validator(None, f, kwargs[f.name])
+            except (ValueError, TypeError):
+                return f.name
+            except Exception:  # a validator that needs the instance: not this one's to judge
+                continue
+    return None
 
 
 def _join(path: str, key: Any) -> str:

@@ -143,6 +143,18 @@ def list_checkpoints(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- trainer
 
 
+def run_hash(ws: Workspace, entry: MethodEntry) -> str:
+    """Identity of a training run: data, method entry (with its train config), seed."""
+    return config_hash({"data": ws.exp.data, "method": entry, "seed": ws.exp.seed})
+
+
+def is_trained(ws: Workspace, entry: MethodEntry) -> bool:
+    """Final weights exist for exactly this run's config."""
+    meta = ws.paths.run(entry.name) / "run.json"
+    return ws.paths.final(entry.name).is_file() and meta.is_file() and \
+        json.loads(meta.read_text()).get("config_hash") == run_hash(ws, entry)
+
+
 class Trainer:
     """Trains one method entry of a workspace."""
 
@@ -157,7 +169,7 @@ class Trainer:
         )
         self.progress = progress
         self.run_dir = ws.paths.run(entry.name)
-        self.hash = config_hash({"data": ws.exp.data, "method": entry, "seed": ws.exp.seed})
+        self.hash = run_hash(ws, entry)
 
     # -- setup
 
@@ -168,6 +180,7 @@ class Trainer:
             _ = data.train  # materialise (and cache) the split once before the others read it
         self.acc.wait_for_everyone()
         self.images, self.labels = data.train.images, data.train.labels
+        batch_indices(0, len(self.images), self.cfg.batch_size, 0, self.acc.num_processes, 0)  # fits the data?
         method = self.ws.build_method(self.entry, self.acc.device)
         groups = [
             {"params": [p for p in g["params"] if p.requires_grad], "lr": self.cfg.lr * g.get("lr_scale", 1.0)}

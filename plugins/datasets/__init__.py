@@ -140,7 +140,7 @@ def _load_hf(cfg: HFConfig) -> Any:
     try:
         return datasets.load_dataset(cfg.id, **kwargs)
     except FileNotFoundError as exc:
-        raise DataError(f"dataset {cfg.id!r} ({kwargs}) was not found: {exc}. Check the id or path") from exc
+        raise DataError(f"dataset {cfg.id!r} ({kwargs}) could not be loaded: {exc}. Check the id or path") from exc
     except (ConnectionError, OSError) as exc:
         raise DataError(
             f"dataset {cfg.id!r} could not be loaded ({type(exc).__name__}: {exc}). Offline, use a local copy: "
