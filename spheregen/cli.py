@@ -96,6 +96,16 @@ def cmd_edit(args: argparse.Namespace) -> None:
     print(f"{args.op}: {write_edit_grid(ws, entry, method, args.op, args.n, num=args.num, mode=args.mode)}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from spheregen.evaluation import read_external_samples, score_samples
+
+    ws = _workspace(args)
+    result = {key: score_samples(ws, read_external_samples(Path(args.samples), key)) for key in args.key}
+    print(json.dumps(result, indent=2))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     # Metrics are built first: missing weights or an unusable feature space must fail
     # before an hour of training, not after.
@@ -137,6 +147,11 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p, methods=name != "report")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("score", help="score an external .npz of uint8 samples with the experiment's metrics")
+    _common(p, methods=False)
+    p.add_argument("samples", help=".npz file")
+    p.add_argument("--key", action="append", required=True, help="array name in the file (repeatable)")
+    p.set_defaults(fn=cmd_score)
     p = sub.add_parser("edit", help="edits a method supports (Sphere Encoder: reconstruct, interpolate, "
                                     "manipulate) on test images, written as a grid PNG")
     _common(p, methods=False)

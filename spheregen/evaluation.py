@@ -157,3 +157,31 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
             continue
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device))
     return write_results(ws, rows)
+
+
+def read_external_samples(path: Path, key: str) -> torch.Tensor:
+    """uint8 N×C×H×W from array ``key`` of an .npz holding N×H×W×C or N×C×H×W images
+    (another implementation's samples, e.g. the official code's reference set)."""
+    if not path.is_file():
+        raise SpheregenError(f"{path} does not exist")
+    with np.load(path) as z:
+        if key not in z.files:
+            raise SpheregenError(f"{path} has no array {key!r}; it holds {z.files}")
+        arr = z[key]
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise SpheregenError(f"{path}:{key} must be uint8 N×H×W×C or N×C×H×W, got {arr.dtype} {arr.shape}")
+    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def score_samples(ws: Workspace, samples: torch.Tensor, device: torch.device | None = None) -> dict[str, Any]:
+    """The experiment's metrics on any uint8 sample set (same features, same reference)."""
+    expected = (ws.data.spec.channels, ws.data.spec.image_size, ws.data.spec.image_size)
+    if tuple(samples.shape[1:]) != expected:
+        raise SpheregenError(f"samples are {tuple(samples.shape[1:])}, the experiment's data is {expected} (C×H×W)")
+    out: dict[str, Any] = {}
+    for _, metric in ws.build_metrics(device or ws.device):
+        out.update(metric.compute(samples, ws.reference_images()))
+        out.setdefault("features", getattr(metric, "feature_info", metric.features))
+    return out

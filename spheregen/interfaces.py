@@ -44,7 +44,8 @@ class BuildContext:
     ``train_data()`` returns the experiment's preprocessed training set (uint8
     N×C×H×W, int64 N) for components that fit something at build time (a tokenizer
     trained by spheregen, dataset statistics); ``cache_dir`` is where they keep it,
-    under a subfolder named by their config hash. Both are None in unit tests that
+    under a subfolder named by their config hash and ``data_key`` (the preprocessed
+    data's identity: source, size, channels, split). All three are None in unit tests that
     build components without data.
     """
 
@@ -52,6 +53,7 @@ class BuildContext:
     build: Callable[[str, Any], Any]
     train_data: Callable[[], tuple[Tensor, Tensor]] | None = None
     cache_dir: str | None = None
+    data_key: str | None = None
     device: torch.device = torch.device("cpu")
 
 

@@ -181,7 +181,10 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.images, self.labels = data.train.images, data.train.labels
         batch_indices(0, len(self.images), self.cfg.batch_size, 0, self.acc.num_processes, 0)  # fits the data?
-        method = self.ws.build_method(self.entry, self.acc.device)
+        # the main process builds first: a component that fits something at build time
+        # (a tokenizer trained by spheregen) trains once and the others load its cache
+        with self.acc.main_process_first():
+            method = self.ws.build_method(self.entry, self.acc.device)
         groups = [
             {"params": [p for p in g["params"] if p.requires_grad], "lr": self.cfg.lr * g.get("lr_scale", 1.0)}
             for g in method.param_groups()

@@ -54,6 +54,7 @@ class Workspace:
             build=build,
             train_data=lambda: (self.data.train.images, self.data.train.labels),
             cache_dir=str(self.paths.cache),
+            data_key=self.data.key,
             device=device or self.device,
         )
         return ctx

@@ -3,6 +3,20 @@
 Tokens are B×N×W in row-major grid order (token index = row·grid + col). Conditioning
 ``c`` is the class embedding B×1×W, or None for an unconditional model (then blocks have
 no modulation and unit gates, and heads are plain Linears).
+
+Speed. At the tiny / CIFAR sizes (64 tokens, width 128) a pass over an activation costs
+about as much as a matmul that produces it, so the forward passes keep the official math
+but touch each activation as few times as possible (benchmarks/bench_sphere_encoder.py
+measures the effect); results agree with the plain formulas to fp32 rounding:
+
+* RMSNorm + AdaLN modulation is one reduction and two passes, ``(x·r)·(w·(1+scale)) +
+  shift`` (:func:`rms_modulate`), not six;
+* RoPE rotates q and k together as one complex multiply; the q/k biases are rotated on
+  the small table and added in the same op, and the v bias is moved behind attention
+  into the output projection's bias (softmax rows sum to 1);
+* matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`), token mixing is a
+  batched matmul on B×N×D (no transposes), gated residuals are ``addcmul``;
+* without autograd (sampling) activations are applied in place.
 """
 
 from __future__ import annotations
@@ -47,7 +61,10 @@ def axial_rope_2d(head_dim: int, grid: int, theta: float = ROPE_THETA) -> tuple[
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: B×H×N×hd; rotates each interleaved pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)."""
+    """x: B×H×N×hd; rotates each interleaved pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
+
+    The reference formula; :class:`Attention` uses it for dtypes without a complex
+    counterpart (bf16, fp16) and the complex form otherwise."""
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -55,6 +72,47 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
+
+
+def _no_graph() -> bool:
+    """True when autograd records nothing (no_grad / inference_mode): activations may
+    then be overwritten in place."""
+    return not torch.is_grad_enabled()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` over the last dim, as one 2-D ``mm`` and then the
+    bias added in place. On CPU, ``addmm`` (what F.linear runs) first copies the
+    broadcast bias into the output and then accumulates into it, which costs 10-70%
+    more at these shapes than the plain ``mm`` and an ``add_``. x may be a strided
+    view whose rows are contiguous (SwiGLU's half of w12's output)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.mm(rows, weight.t())
+    if bias is not None:
+        out = out.add_(bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_inv(x: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(mean(x²) + eps) over the last dim (keepdim), with mean(x²) = ‖x‖²/D from
+    a single vector_norm pass (no x² temporary)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.rsqrt(norm.square() / x.shape[-1] + eps)
+
+
+def rms_norm(x: Tensor, norm: RmsNorm) -> Tensor:
+    """``norm(x)`` (timm RmsNorm: x·r·w) in one reduction and one or two passes."""
+    y = x * rms_inv(x, norm.eps)
+    if norm.weight is None:
+        return y
+    return y.mul_(norm.weight) if _no_graph() else y * norm.weight
+
+
+def rms_modulate(x: Tensor, norm: RmsNorm, shift: Tensor, scale: Tensor) -> Tensor:
+    """``modulate(norm(x), shift, scale)`` as (x·r)·s + shift with the small per-sample
+    s = w·(1 + scale): one reduction and two passes over x."""
+    s = 1 + scale if norm.weight is None else norm.weight * (1 + scale)
+    return torch.addcmul(shift, x * rms_inv(x, norm.eps), s)
 
 
 class SwiGLU(nn.Module):
@@ -67,8 +125,18 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        a, b = linear(x, self.w12.weight, self.w12.bias).chunk(2, dim=-1)
+        h = F.silu(a, inplace=True).mul_(b) if _no_graph() else F.silu(a) * b
+        return linear(h, self.w3.weight, self.w3.bias)
+
+
+def _complex_ok(x: Tensor) -> bool:
+    """The complex RoPE needs a complex dtype for x's (and, under autocast, for the
+    matmul's) dtype: fp32 / fp64 without autocast."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    device = x.device.type
+    return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
 
 
 class Attention(nn.Module):
@@ -86,10 +154,28 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        h, hd = self.heads, w // self.heads
+        if not _complex_ok(x):
+            q, k, v = self.qkv(x).view(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        cos, sin = rope
+        # (x0 + i x1)(c + i s) = (x0 c - x1 s) + i(x1 c + x0 s): the rotation of each pair.
+        cis = torch.complex(cos[:, 0::2].to(x.dtype), sin[:, 0::2].to(x.dtype)).view(n, 1, 1, hd // 2)
+        bias = self.qkv.bias
+        qkv = linear(x, self.qkv.weight).view(b, n, 3, h, hd)  # biases folded in below
+        # rope(q + b_q) = rope(q) + rope(b_q): the rotated q/k biases (N×2×H×hd/2) are added
+        # by the same op that rotates q and k.
+        bias_qk = torch.view_as_complex(bias[: 2 * w].view(2, h, hd // 2, 2)) * cis
+        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2)))
+        qk = torch.view_as_real(torch.addcmul(bias_qk, qk, cis)).flatten(-2)  # B×N×2×H×hd
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        # softmax rows sum to 1, so attention to v + b_v is attention to v, plus b_v;
+        # proj(o + b_v) = proj(o) + W_proj·b_v.
+        proj_bias = torch.addmv(self.proj.bias, self.proj.weight, bias[2 * w:])
+        return linear(out.transpose(1, 2).reshape(b, n, w), self.proj.weight, proj_bias)
 
 
 class Block(nn.Module):
@@ -105,11 +191,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
         if self.adaLN is None:
-            x = x + self.attn(self.norm1(x), rope)
-            return x + self.mlp(self.norm2(x))
+            x = x + self.attn(rms_norm(x, self.norm1), rope)
+            return x + self.mlp(rms_norm(x, self.norm2))
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
-        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        x = torch.addcmul(x, g1, self.attn(rms_modulate(x, self.norm1, sh1, sc1), rope))
+        return torch.addcmul(x, g2, self.mlp(rms_modulate(x, self.norm2, sh2, sc2)))
 
 
 class ModulatedLinear(nn.Module):
@@ -125,8 +211,8 @@ class ModulatedLinear(nn.Module):
     def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
         if self.adaLN is not None:
             shift, scale = self.adaLN(c).chunk(2, dim=-1)
-            x = modulate(self.norm(x), shift, scale)
-        return self.linear(x)
+            x = rms_modulate(x, self.norm, shift, scale)
+        return linear(x, self.linear.weight, self.linear.bias)
 
 
 class LabelEmbedder(nn.Module):
@@ -168,8 +254,21 @@ class MixerBlock(nn.Module):
         self.alpha2 = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.alpha1 * self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.alpha2 * self.channel_mix(self.norm2(x))
+        b, n, _ = x.shape
+        # Token mixing Linear(N, N) over tokens, as W @ t per sample on B×N×D (the
+        # weight broadcast over the batch), so nothing is transposed.
+        lin1, _, lin2 = self.token_mix
+        t = torch.baddbmm(lin1.bias.view(n, 1), lin1.weight.expand(b, n, n), rms_norm(x, self.norm1))
+        t = F.silu(t, inplace=True) if _no_graph() else F.silu(t)
+        t = torch.baddbmm(lin2.bias.view(n, 1), lin2.weight.expand(b, n, n), t)
+        x = torch.addcmul(x, t, self.alpha1)
+        # Channel mixing; norm2's affine weight w is folded into the first weight:
+        # (x·r·w) Wᵀ = (x·r)(W·w)ᵀ.
+        lin1, _, lin2 = self.channel_mix
+        w1 = lin1.weight if self.norm2.weight is None else lin1.weight * self.norm2.weight
+        t = linear(x * rms_inv(x, self.norm2.eps), w1, lin1.bias)
+        t = F.silu(t, inplace=True) if _no_graph() else F.silu(t)
+        return torch.addcmul(x, linear(t, lin2.weight, lin2.bias), self.alpha2)
 
 
 class Mixer(nn.Module):
@@ -183,4 +282,4 @@ class Mixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return rms_norm(x, self.norm)

