@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,20 +39,25 @@ def _losses(runs: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
 
-def test_two_processes_follow_one(toy_registries, tiny_experiment, tmp_path, monkeypatch):
-    from accelerate import debug_launcher
+def _launch(num_processes: int, exp: Path, runs: Path) -> None:
+    """debug_launcher in a fresh interpreter: forking this (already multi-threaded) test
+    process can deadlock in OpenMP, so the workers fork from a clean parent."""
+    code = ("import sys; sys.path.insert(0, %r); from core.test_distributed import _train_worker; "
+            "from accelerate import debug_launcher; debug_launcher(_train_worker, num_processes=%d)"
+            % (str(ROOT), num_processes))
+    env = {**os.environ, "SG_TEST_EXP": str(exp), "SG_TEST_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
 
+
+def test_two_processes_follow_one(toy_registries, tiny_experiment, tmp_path):
     methods = '[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\nsteps = 8\ncheckpoint_every = 4\n'
     one = tiny_experiment("", methods.replace("steps = 8", "steps = 8\nbatch_size = 16"))
-    monkeypatch.setenv("SG_TEST_EXP", str(one))
-    monkeypatch.setenv("SG_TEST_RUNS", str(tmp_path / "one"))
-    debug_launcher(_train_worker, num_processes=1)
+    _launch(1, one, tmp_path / "one")
     two = tmp_path / "two.toml"
     two.write_text(one.read_text().replace("batch_size = 16\n", "batch_size = 8\n", 1)
                    .replace("steps = 8\nbatch_size = 16", "steps = 8\nbatch_size = 8"))
-    monkeypatch.setenv("SG_TEST_EXP", str(two))
-    monkeypatch.setenv("SG_TEST_RUNS", str(tmp_path / "two"))
-    debug_launcher(_train_worker, num_processes=2)
+    _launch(2, two, tmp_path / "two")
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 8
     # same global batches and the same initial weights; the per-process noise draws

@@ -21,7 +21,7 @@ def cli(*args, cwd):
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny_experiment, tmp_path):
-    methods = ('[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\nsteps = 300\n'
+    methods = ('[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\nsteps = 200\n'
                'checkpoint_every = 40\nema_decay = 0.9\n')
     exp = tiny_experiment("", methods)
     ref = cli("train", exp, "--runs-dir", tmp_path / "ref", cwd=tmp_path)
