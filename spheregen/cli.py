@@ -21,6 +21,10 @@ from spheregen.workspace import Workspace
 
 
 def _workspace(args: argparse.Namespace) -> Workspace:
+    if args.threads:
+        # on a shared CPU, fewer intra-op threads than busy cores avoids OpenMP barrier
+        # stalls that can slow small models by an order of magnitude
+        torch.set_num_threads(args.threads)
     exp = load_experiment(args.experiment)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Workspace(exp, args.runs_dir, args.reports_dir, device)
@@ -120,6 +124,8 @@ def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     p.add_argument("--runs-dir", default=os.environ.get("SPHEREGEN_RUNS", "runs"), help="checkpoints and samples")
     p.add_argument("--reports-dir", default=os.environ.get("SPHEREGEN_REPORTS", "reports"), help="tables and plots")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("SPHEREGEN_THREADS", "0")),
+                   help="torch CPU threads (default: torch's choice; env SPHEREGEN_THREADS)")
     if methods:
         p.add_argument("--method", action="append", help="only this method (repeatable); default: all")
 

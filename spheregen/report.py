@@ -71,6 +71,21 @@ def markdown_table(df: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def steps_table(df: pl.DataFrame) -> str:
+    """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side."""
+    if "fid" not in df.columns:
+        return ""
+    steps = sorted(df["steps"].unique().to_list())
+    header = ["method"] + [f"FID@{k}" for k in steps] + [f"GFLOPs@{k}" for k in steps]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in df["method"].unique(maintain_order=True).to_list():
+        rows = {r["steps"]: r for r in df.filter(pl.col("method") == method).iter_rows(named=True)}
+        fids = [_cell("fid", rows[k]["fid"]) if k in rows else "–" for k in steps]
+        gfl = [_cell("gflops_per_image", rows[k]["gflops_per_image"]) if k in rows else "–" for k in steps]
+        lines.append("| " + " | ".join([method, *fids, *gfl]) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(ws: Workspace, df: pl.DataFrame) -> str:
     exp = ws.exp
     n = df["num_samples"].max() if "num_samples" in df.columns else "?"
@@ -84,6 +99,10 @@ def results_markdown(ws: Workspace, df: pl.DataFrame) -> str:
         "included; the paper convention is 2×MACs without attention matmuls).",
         "",
         markdown_table(df),
+        "",
+        "## By step count",
+        "",
+        steps_table(df),
         "",
         "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)",
         "",
