@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,3 +45,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny_experiment, tmp_path):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
+    # the last checkpoints hold model, optimizer, scheduler, EMA and every RNG stream:
+    # their manifests list each file's sha256, so equal manifests mean bit-identical state
+    last = "checkpoints/step-0000200/manifest.json"
+    ma = json.loads((tmp_path / "ref" / "tiny" / "toy" / last).read_text())
+    mb = json.loads((tmp_path / "killed" / "tiny" / "toy" / last).read_text())
+    assert ma["files"] == mb["files"] and any(n.startswith("random_states") for n in ma["files"])
+    assert any(n.startswith("optimizer") for n in ma["files"])
