@@ -25,4 +25,5 @@ test-slow: install
 	$(BIN)/pytest -m slow
 
 benchmark: install
-	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_sphere_encoder.py
+	$(BIN)/python benchmarks/bench_flops.py

@@ -14,8 +14,9 @@ measures the effect); results agree with the plain formulas to fp32 rounding:
 * RoPE rotates q and k together as one complex multiply; the q/k biases are rotated on
   the small table and added in the same op, and the v bias is moved behind attention
   into the output projection's bias (softmax rows sum to 1);
-* matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`), token mixing is a
-  batched matmul on B×N×D (no transposes), gated residuals are ``addcmul``;
+* matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`), SwiGLU's two halves
+  are two matmuls with contiguous outputs, token mixing is a batched matmul on B×N×D
+  (no transposes), gated residuals are ``addcmul``;
 * without autograd (sampling) activations are applied in place.
 """
 
@@ -85,7 +86,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     bias added in place. On CPU, ``addmm`` (what F.linear runs) first copies the
     broadcast bias into the output and then accumulates into it, which costs 10-70%
     more at these shapes than the plain ``mm`` and an ``add_``. x may be a strided
-    view whose rows are contiguous (SwiGLU's half of w12's output)."""
+    view whose rows are contiguous."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.mm(rows, weight.t())
     if bias is not None:
@@ -125,7 +126,12 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = linear(x, self.w12.weight, self.w12.bias).chunk(2, dim=-1)
+        # a and b as two matmuls on the halves of w12 (the same FLOPs): contiguous
+        # outputs make SiLU and the product ~2× faster than on the strided halves of
+        # one output (5-9% of a whole sampling call / training step).
+        hidden = self.w3.in_features
+        w, bias = self.w12.weight, self.w12.bias
+        a, b = linear(x, w[:hidden], bias[:hidden]), linear(x, w[hidden:], bias[hidden:])
         h = F.silu(a, inplace=True).mul_(b) if _no_graph() else F.silu(a) * b
         return linear(h, self.w3.weight, self.w3.bias)
 

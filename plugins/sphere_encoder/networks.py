@@ -3,6 +3,10 @@
 Encoder: B×C×H×W image -> raw latent B×d×h×w (h = H/P), to be spherified outside.
 Decoder: B×d×h×w latent on the sphere -> B×C×H×W image in (-1, 1).
 Both are class-conditional through AdaLN-Zero when ``num_classes > 0``.
+
+For speed the encoder's patch convolutions run as matmuls on token-major patch rows and
+the conv head's transposed convolution as a matmul plus ``F.fold`` (same weights, same
+FLOPs, fp32-rounding-level differences); see layers.py for the blocks.
 """
 
 from __future__ import annotations
@@ -167,8 +171,8 @@ def conv_transpose_fold(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
     as a batched matmul to per-pixel k×k output patches and their overlap-add
     (``F.fold``, col2im): the same FLOPs, about 3× faster than the CPU transposed
     convolution at the conv head's size (32 -> 3 channels, k = P+2, stride P)."""
-    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.output_padding == (0, 0) and conv.padding_mode == "zeros"
-    if not plain:
+    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.output_padding == (0, 0)
+    if not plain or conv.padding_mode != "zeros":
         return conv(x)
     b, cin, h, w = x.shape
     cout, (kh, kw), (sh, sw), (ph, pw) = conv.out_channels, conv.kernel_size, conv.stride, conv.padding

@@ -7,6 +7,7 @@
 
 The sampler only calls the method's ``encode_raw``, ``decode`` and ``spherify`` and reads
 ``latent_shape``, ``sigma_max`` and ``conditional``; it never changes train/eval mode.
+The loop runs under ``torch.inference_mode``; the returned images are ordinary tensors.
 """
 
 from __future__ import annotations

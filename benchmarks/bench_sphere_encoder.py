@@ -1,0 +1,382 @@
+"""Sphere Encoder (tiny config, SPEC D) speed on this machine, against a matmul peak
+measured in the same run.
+
+Prints, for batch 64 (fp32):
+
+* sampling images/s at T = 1 and T = 4, without and with CFG 1.2 (``combo``);
+* training steps/s (loss + backward + grad clip 1.0 + AdamW step);
+* the true FLOPs per image (sampling, :func:`spheregen.flops.count_sampling_flops`) or
+  per step (training, the same ``FlopCounterMode`` count with both SDPA directions);
+* the achieved GFLOP/s and its fraction of the peak: the median GFLOP/s of 2048²
+  fp32 ``torch.mm`` with the same thread count.
+
+The peak and the workloads are measured interleaved: every timed call of a workload is
+bracketed by two peak measurements, and a workload's fraction is the median over its
+calls of (its GFLOP/s / the mean of the two peaks around it). On a shared machine the
+load drifts from one second to the next; pairing each call with adjacent peaks keeps
+the ratio meaningful. The load average and the OpenMP wait policy are printed: with
+``OMP_WAIT_POLICY`` unset, libgomp's spinning barriers stall every elementwise op for
+milliseconds when the cores are oversubscribed, so in that case (policy unset, this
+run's threads plus the tasks already running exceed the cores) the script re-runs itself
+under ``OMP_WAIT_POLICY=PASSIVE`` and says so in its header; ``--omp-as-is`` opts out.
+
+    python benchmarks/bench_sphere_encoder.py            # full run (about 1 min idle, < 2 min busy)
+    python benchmarks/bench_sphere_encoder.py --quick    # about 30 s
+    python benchmarks/bench_sphere_encoder.py --threads 1 --profile --json out.json
+
+The weights are the tiny config's init with the zero-initialised tensors (heads, AdaLN,
+mixer α) filled with N(0, 0.02), so that no branch is trivially zero; speed does not
+depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+AUTO_PASSIVE = "SPHEREGEN_BENCH_AUTO_PASSIVE"
+
+
+def busy_elsewhere(samples: int = 7, interval_s: float = 0.05) -> float:
+    """Median number of runnable tasks besides this process (Linux /proc/loadavg, sampled
+    over ~0.3 s); elsewhere the 1-minute load average. Unlike the load average it does
+    not remember this script's own previous runs."""
+    try:
+        counts = []
+        for _ in range(samples):
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(interval_s)
+        return statistics.median(counts)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+
+
+def _passive_omp_if_oversubscribed() -> None:
+    """Re-run this script under OMP_WAIT_POLICY=PASSIVE when its threads plus the tasks
+    already running exceed the cores and the policy is unset: libgomp must read the
+    variable before torch loads it. ``--omp-as-is`` opts out."""
+    argv = sys.argv[1:]
+    if "OMP_WAIT_POLICY" in os.environ or "--omp-as-is" in argv:
+        return
+    threads = None
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            threads = int(a.split("=", 1)[1])
+        elif a == "--threads" and i + 1 < len(argv):
+            threads = int(argv[i + 1])
+    cores = os.cpu_count() or 1
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or cores
+    others = busy_elsewhere()
+    if threads > 1 and others + threads > cores:
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{AUTO_PASSIVE: f"{others:g}"})
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    _passive_omp_if_oversubscribed()
+
+import torch  # noqa: E402  (after the OpenMP environment is settled)
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+
+from spheregen.flops import count_sampling_flops  # noqa: E402
+from spheregen.interfaces import BuildContext, DataSpec  # noqa: E402
+from spheregen_plugins.sphere_encoder.config import SphereEncoderConfig, SphereSamplerConfig  # noqa: E402
+from spheregen_plugins.sphere_encoder.method import build_method  # noqa: E402
+from spheregen_plugins.sphere_encoder.sampler import SphereSampler  # noqa: E402
+
+aten = torch.ops.aten
+PEAK_N = 2048
+DATA = DataSpec(image_size=32, channels=3, num_classes=10)
+
+
+# ------------------------------------------------------------------ setup
+
+
+def build(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    ctx = BuildContext(data=DATA, build=lambda kind, component: None)
+    method = build_method(SphereEncoderConfig.tiny(), ctx)
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(std=0.02)
+    return method
+
+
+class Peak:
+    """fp32 2048² matmuls: each call times ``reps`` back-to-back ``mm`` and returns GFLOP/s."""
+
+    def __init__(self, n: int = PEAK_N, reps: int = 2):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=g)
+        self.b = torch.randn(n, n, generator=g)
+        self.c = torch.empty(n, n)
+        self.flops = 2 * n**3 * reps
+        self.reps = reps
+        self.samples: list[float] = []
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        for _ in range(self.reps):
+            torch.mm(self.a, self.b, out=self.c)
+        gflops = self.flops / (time.perf_counter() - start) / 1e9
+        self.samples.append(gflops)
+        return gflops
+
+
+def _cpu_sdpa_fwd(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_train_flops(step: Callable[[], Any]) -> int:
+    """True FLOPs of one training step (forward + backward). Same counter as
+    spheregen.flops (FlopCounterMode), with formulas for the CPU flash-attention kernels,
+    which torch leaves uncounted; the optimizer's elementwise work counts 0, as every
+    elementwise op does."""
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_fwd,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_bwd,
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def measure(name: str, fn: Callable[[], Any], flops: int, units: int, peak: Peak, repeats: int,
+            budget_s: float, min_repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Time ``fn`` (``units`` images or steps per call) up to ``repeats`` times, at least
+    ``min_repeats``, fewer once ``budget_s`` is spent. Each timed call is bracketed by two
+    peak measurements; its fraction uses their mean."""
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        # a call that eats the budget by itself (a stalled machine) is timed fewer times
+        min_repeats = min(min_repeats, max(1, int(budget_s / (time.perf_counter() - start))))
+    times, fractions, peaks = [], [], []
+    before = peak()
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - start
+        after = peak()
+        p = (before + after) / 2
+        before = after
+        times.append(dt)
+        peaks.append(p)
+        fractions.append(flops / dt / 1e9 / p)
+        if i + 1 >= min_repeats and sum(times) > budget_s:
+            break
+    latency = statistics.median(times)
+    return {
+        "name": name,
+        "units_per_s": units / latency,
+        "latency_s": latency,
+        "gflop_per_call": flops / 1e9,
+        "achieved_gflops": flops / latency / 1e9,
+        "peak_gflops": statistics.median(peaks),
+        "fraction_of_peak": statistics.median(fractions),
+        "repeats": len(times),
+        "times_s": times,
+    }
+
+
+def op_breakdown(fn: Callable[[], Any], top: int = 14) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One call of ``fn`` under torch.profiler: self CPU time per aten op (top ``top``)
+    and per category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = [
+        {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total}
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)
+    ]
+    categories: dict[str, float] = {}
+    for r in rows:
+        categories[_category(r["op"])] = categories.get(_category(r["op"]), 0.0) + r["share"]
+    return rows[:top], dict(sorted(categories.items(), key=lambda kv: -kv[1]))
+
+
+def _category(op: str) -> str:
+    name = op.removeprefix("aten::")
+    if name in ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention (SDPA)"
+    if "conv" in name or name in ("col2im", "im2col", "reflection_pad2d"):
+        return "conv head / fold"
+    if name in ("copy_", "clone", "contiguous", "cat", "stack", "_to_copy", "empty", "empty_strided", "resize_"):
+        return "copies / allocation"
+    if name.endswith("_backward") or "backward" in name:
+        return "backward kernels"
+    return "elementwise / norms / other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 repeats per workload, short budget")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' = stdout)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all, torch.get_num_threads())")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--guidance", type=float, default=1.2)
+    ap.add_argument("--no-train", action="store_true", help="sampling only")
+    ap.add_argument("--omp-as-is", action="store_true",
+                    help="keep libgomp's default wait policy even on an oversubscribed machine")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the per-op self-CPU-time breakdown of one T=4 CFG sampling call")
+    args = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    repeats, budget, deadline = (3, 3.0, 40.0) if args.quick else (9, 10.0, 95.0)
+    load_before = os.getloadavg()
+    omp_policy = os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    others = float(os.environ[AUTO_PASSIVE]) if AUTO_PASSIVE in os.environ else busy_elsewhere()
+    if AUTO_PASSIVE in os.environ:
+        omp_policy += (f" (set by this script: {others:g} other runnable task(s) + {threads} threads > "
+                       f"{os.cpu_count()} cores; --omp-as-is keeps libgomp's default)")
+    elif threads > 1 and others + threads > (os.cpu_count() or 1) and "OMP_WAIT_POLICY" not in os.environ:
+        print(f"warning: {others:g} other runnable task(s) + {threads} threads > {os.cpu_count()} cores with "
+              "OMP_WAIT_POLICY unset: libgomp's spinning barriers stall every op while a thread waits for a "
+              "core; the numbers measure the scheduler more than the model", file=sys.stderr)
+
+    method = build()
+    sampler = SphereSampler(SphereSamplerConfig(cfg_position="combo"))
+    b = args.batch
+    labels = torch.arange(b) % DATA.num_classes
+    peak = Peak()
+    for _ in range(3):  # warm the BLAS and the clocks
+        peak()
+    peak.samples.clear()
+
+    def min_reps() -> int:  # keep the whole run near its deadline on a slow / busy machine
+        return 3 if time.perf_counter() - t_start < deadline else 1
+
+    rows = []
+    method.eval()
+    samplers: dict[tuple[int, float], Callable[[], Any]] = {}
+    for steps, guidance in ((1, 1.0), (4, 1.0), (1, args.guidance), (4, args.guidance)):
+        per_image = count_sampling_flops(sampler, method, steps, guidance).total
+        gen = torch.Generator()
+
+        def run(steps=steps, guidance=guidance, gen=gen):
+            gen.manual_seed(0)
+            sampler.sample(method, labels, steps, guidance, generator=gen)
+
+        samplers[(steps, guidance)] = run
+        cfg = f" cfg {guidance:g}" if guidance > 1 else ""
+        row = measure(f"sample T={steps}{cfg}", run, per_image * b, b, peak, repeats, budget, min_reps())
+        row.update(kind="sample", steps=steps, guidance=guidance, flops_per_unit=per_image,
+                   nfe=sampler.nfe(steps, guidance))
+        rows.append(row)
+        print(f"  {row['name']:<20} {row['units_per_s']:8.1f} img/s", file=sys.stderr, flush=True)
+
+    if not args.no_train:
+        method.train()
+        groups = [{"params": g["params"], "lr": 1e-3 * g["lr_scale"]} for g in method.param_groups()]
+        opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        params = [p for g in groups for p in g["params"]]
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(b, DATA.channels, DATA.image_size, DATA.image_size, generator=g) * 2 - 1
+
+        def forward_backward():
+            loss, _ = method.loss(x, labels)
+            loss.backward()
+
+        def train_step():
+            forward_backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step_flops = count_train_flops(forward_backward)
+        opt.zero_grad(set_to_none=True)
+        row = measure("train step", train_step, step_flops, 1, peak, repeats, budget, min_reps())
+        row.update(kind="train", steps=None, guidance=None, flops_per_unit=step_flops, nfe=None)
+        rows.append(row)
+        print(f"  {row['name']:<20} {row['units_per_s']:8.2f} steps/s", file=sys.stderr, flush=True)
+        method.eval()
+
+    breakdown = None
+    if args.profile:
+        ops, categories = op_breakdown(samplers[(4, args.guidance)])
+        breakdown = {"workload": f"sample T=4 cfg {args.guidance:g}", "ops": ops, "categories": categories}
+
+    load_after = os.getloadavg()
+    peak_all = statistics.median(peak.samples)
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "omp_wait_policy": omp_policy,
+        "other_runnable_tasks_at_start": others,
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "batch": b,
+        "peak_gflops_median": peak_all,
+        "peak_gflops_min": min(peak.samples),
+        "peak_gflops_max": max(peak.samples),
+        "wall_s": time.perf_counter() - t_start,
+        "config": "SphereEncoderConfig.tiny() at 32 px, 10 classes; sampler combo, cache noise, r = 1",
+    }
+
+    print(f"Sphere Encoder tiny, batch {b}, fp32, {threads} thread(s), torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY={omp_policy}")
+    print(f"load average (1/5/15 min): before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cores; "
+          f"{others:g} other runnable task(s) at start")
+    print(f"matmul peak ({PEAK_N}² fp32 mm, {threads} thread(s)): median {peak_all:.1f} GFLOP/s "
+          f"(min {meta['peak_gflops_min']:.1f}, max {meta['peak_gflops_max']:.1f}, n = {len(peak.samples)})")
+    header = (f"{'workload':<20} {'NFE':>4} {'rate':>14} {'GFLOP/unit':>11} {'GFLOP/s':>8} "
+              f"{'peak':>6} {'of peak':>8} {'n':>3}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        unit = "img/s" if r["kind"] == "sample" else "steps/s"
+        nfe = "" if r["nfe"] is None else str(r["nfe"])
+        print(f"{r['name']:<20} {nfe:>4} {r['units_per_s']:8.2f} {unit:<5} {r['flops_per_unit'] / 1e9:11.4f} "
+              f"{r['achieved_gflops']:8.1f} {r['peak_gflops']:6.1f} {100 * r['fraction_of_peak']:7.1f}% "
+              f"{r['repeats']:>3}")
+    print("GFLOP/unit: true FLOPs (FlopCounterMode, attention included) per image (sampling) or per training "
+          "step (forward + backward, whole batch). peak: median of the matmul peaks around the workload's "
+          "calls. of peak: median over calls of achieved / (mean of the peaks just before and after).")
+    if breakdown is not None:
+        print(f"\nper-op self CPU time, one '{breakdown['workload']}' call (torch.profiler):")
+        for name, share in breakdown["categories"].items():
+            print(f"  {name:<30} {100 * share:5.1f}%")
+        for r in breakdown["ops"]:
+            print(f"    {r['op']:<52} {100 * r['share']:5.1f}% {r['self_ms']:8.1f} ms {r['calls']:5d} calls")
+    print(f"(run took {meta['wall_s']:.0f} s)")
+
+    if args.json:
+        payload = json.dumps({"meta": meta, "rows": rows, "breakdown": breakdown}, indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            with open(args.json, "w") as f:
+                f.write(payload + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
