@@ -130,7 +130,11 @@ def _convert(tp: Any, value: Any, path: str, source: str, kind: str | None) -> A
                 return _convert(a, value, path, source, kind)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{_where(source, path)}: {value!r} matches none of {_type_name(tp)}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        options = " or ".join(str(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a)
+                              for a in non_none)
+        raise ConfigError(f"{_where(source, path)}: {value!r} is not allowed; expected {options}")
     if origin is Literal:
         if value not in args or type(value) is not type(next(a for a in args if a == value)):
             raise ConfigError(f"{_where(source, path)}: {value!r} is not allowed; choose one of {list(args)}")

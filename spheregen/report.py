@@ -39,6 +39,7 @@ COLUMNS = {
     "gflops_paper": ("GFLOPs/img (paper conv.)", "{:.3f}"),
     "images_per_s": ("img/s", "{:.1f}"),
     "params": ("params (M)", "{:.2f}"),
+    "trainable_params": ("trained params (M)", "{:.2f}"),
 }
 
 
@@ -54,7 +55,7 @@ def _cell(col: str, value: object) -> str:
         return "–"
     if col == "kid":
         value = float(value) * 1e3
-    if col == "params":
+    if col in ("params", "trainable_params"):
         value = float(value) / 1e6
     return COLUMNS[col][1].format(value)
 
