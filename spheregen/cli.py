@@ -1,4 +1,4 @@
-"""``spheregen``: list | train | sample | evaluate | report | run.
+"""``spheregen``: list | train | sample | evaluate | report | run | flops | score | edit.
 
 Thin by design: each command loads the experiment into a Workspace and calls one stage.
 Errors a user can fix (SpheregenError) print one message and exit 2.
@@ -110,6 +110,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_flops(args: argparse.Namespace) -> None:
+    from spheregen.flops import experiment_flops, format_flops_table
+
+    ws = _workspace(args)
+    rows = experiment_flops(ws, args.method, args.steps)
+    print(json.dumps(rows, indent=2) if args.json else format_flops_table(rows))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     # Metrics are built first: missing weights or an unusable feature space must fail
     # before an hour of training, not after.
@@ -153,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p, methods=name != "report")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("flops", help="GFLOPs per image of every method at each step count, true and paper "
+                                     "convention, counted on the meta device (no weights or data needed)")
+    _common(p)
+    p.add_argument("--steps", type=int, nargs="+", help="step counts (default: the experiment's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_flops)
     p = sub.add_parser("score", help="score an external .npz of uint8 samples with the experiment's metrics")
     _common(p, methods=False)
     p.add_argument("samples", help=".npz file")

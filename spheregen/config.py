@@ -207,7 +207,10 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Component):
         return obj.to_dict()
     if attrs.has(type(obj)):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.init}
+        # fields marked omit_if_default (added after results existed) stay out of the
+        # dict at their default, so adding them changes no existing config hash
+        return {f.name: to_dict(getattr(obj, f.name)) for f in attrs.fields(type(obj))
+                if f.init and not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -139,7 +139,11 @@ class Data:
 
     @property
     def spec(self) -> DataSpec:
-        return DataSpec(image_size=self.cfg.image_size, channels=self.cfg.channels, num_classes=self.source.num_classes)
+        declared, found = self.cfg.num_classes, self.source.num_classes
+        if declared is not None and declared != found:
+            raise DataError(f"data.num_classes = {declared}, but {self.source.key} has {found} classes; "
+                            f"set data.num_classes = {found} or remove the key")
+        return DataSpec(image_size=self.cfg.image_size, channels=self.cfg.channels, num_classes=found)
 
     def splits(self) -> dict[str, Split]:
         if self._splits is None:

@@ -61,6 +61,8 @@ class DataConfig:
     ``channels``: 3 replicates grayscale to RGB and drops alpha; 1 converts to luminance.
     When the source has no ``test_split``, ``test_fraction`` of train is held out
     (seeded) for the metrics' classifier and rFID.
+    ``num_classes`` declares the label count for commands that do not load the data
+    (``spheregen flops`` on a hub dataset); when the data is loaded it must agree.
     """
 
     source: Component = component_field("dataset")
@@ -72,6 +74,8 @@ class DataConfig:
     test_split: str | None = None
     test_fraction: float = attrs.field(default=0.1, validator=_fraction)
     max_examples: int | None = attrs.field(default=None, validator=_positive)
+    num_classes: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
+                                          metadata={"omit_if_default": True})
 
 
 @attrs.frozen(kw_only=True)

@@ -242,3 +242,36 @@ def measure_throughput(
             times.append(time.perf_counter() - start)
     latency = statistics.median(times)
     return Throughput(images_per_s=batch / latency, latency_s=latency, batch=batch, times_s=tuple(times))
+
+
+def experiment_flops(ws: Any, names: Sequence[str] | None = None,
+                     steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """GFLOPs per image of every method of a workspace at each of its step counts (or
+    ``steps``), both conventions, counted on ``meta``: no weights, data or memory needed.
+
+    One dict per method × steps: method, sampler, steps, nfe, gflops_true, gflops_paper,
+    params (of the whole method, tokenizer included)."""
+    rows = []
+    for entry in ws.exp.methods:
+        if names and entry.name not in names:
+            continue
+        method, sampler = ws.build_architecture(entry)
+        params = count_params(method).total
+        for k in steps or ws.exp.steps_for(entry):
+            count = count_sampling_flops(sampler, method, k, entry.guidance, device="meta")
+            rows.append({
+                "method": entry.name, "sampler": ws.sampler_name(entry, method), "steps": k,
+                "guidance": entry.guidance, "nfe": sampler.nfe(k, entry.guidance),
+                "gflops_true": count.total / 1e9, "gflops_paper": count.paper / 1e9, "params": params,
+            })
+    return rows
+
+
+def format_flops_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`experiment_flops` rows."""
+    head = f"{'method':<22} {'steps':>5} {'NFE':>4} {'guidance':>8} {'GFLOPs (true)':>14} {'GFLOPs (paper)':>15} {'params (M)':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<22} {r['steps']:>5} {r['nfe']:>4} {r['guidance']:>8.2f} {r['gflops_true']:>14.2f} "
+                     f"{r['gflops_paper']:>15.2f} {r['params'] / 1e6:>11.1f}")
+    return "\n".join(lines)

@@ -47,6 +47,10 @@ class BuildContext:
     under a subfolder named by their config hash and ``data_key`` (the preprocessed
     data's identity: source, size, channels, split). All three are None in unit tests that
     build components without data.
+
+    ``device.type == "meta"`` asks for the architecture alone (``spheregen flops``,
+    parameter counts of paper-scale models): a factory then loads no weights file,
+    trains nothing and checks no loss-only weights (LPIPS); the data fields are None.
     """
 
     data: DataSpec

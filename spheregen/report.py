@@ -1,13 +1,22 @@
 """Tables and plots from ``results.parquet`` and the sample files alone.
 
-``reports/<exp>/results.md``: one row per method × steps; ``fid_vs_steps.png``,
-``fid_vs_gflops.png``; ``grid_<method>_steps<T>.png``: ``grid_per_class`` samples per class
-(rows are classes).
+Reads only the experiment (already loaded), ``reports/<exp>/results.parquet``, the optional
+``reports/<exp>/tokenizers.parquet`` and ``runs/<exp>/samples/<method>/steps-<T>.npz``: no
+weights, no dataset, so a report can be rebuilt anywhere the files were copied.
+
+Writes into ``reports/<exp>/``: ``results.md`` (one section per dataset: the full table and
+the FID@k / GFLOPs@k table), ``fid_vs_steps.png``, ``fid_vs_gflops.png`` (Pareto front
+marked), ``tokenizers.png`` (when tokenizers.parquet exists), ``grid_<method>_steps<T>.png``
+(``grid_per_class`` samples per class, rows are classes) and ``index.html``: the same
+content in one self-contained file, every image embedded as a data URI.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -32,15 +41,33 @@ COLUMNS = {
     "nfe": ("NFE", "{}"),
     "fid": ("FID", "{:.2f}"),
     "kid": ("KID×10³", "{:.2f}"),
+    "cmmd": ("CMMD", "{:.3f}"),
     "is": ("IS", "{:.2f}"),
     "precision": ("precision", "{:.3f}"),
     "recall": ("recall", "{:.3f}"),
     "gflops_per_image": ("GFLOPs/img", "{:.3f}"),
     "gflops_paper": ("GFLOPs/img (paper conv.)", "{:.3f}"),
     "images_per_s": ("img/s", "{:.1f}"),
+    "latency_b1_s": ("latency b=1 (ms)", "{:.1f}"),
+    "peak_memory_mb": ("peak mem (MB)", "{:.1f}"),
     "params": ("params (M)", "{:.2f}"),
     "trainable_params": ("trained params (M)", "{:.2f}"),
 }
+# stored unit -> shown unit
+SCALE = {"kid": 1e3, "params": 1e-6, "trainable_params": 1e-6, "latency_b1_s": 1e3}
+
+TOKENIZER_COLUMNS = {
+    "tokenizer": ("tokenizer", "{}"),
+    "methods": ("used by", "{}"),
+    "rfid": ("rFID", "{:.2f}"),
+    "psnr": ("PSNR (dB)", "{:.2f}"),
+    "num_images": ("images", "{}"),
+}
+
+# A report is a list of blocks rendered twice (markdown and HTML):
+#   ("h", level, text) | ("p", text) | ("table", header, rows) | ("images", [(file name, caption)])
+# Text may hold `code` spans; table cells are plain strings.
+Block = tuple
 
 
 def read_results(report_dir: Path) -> pl.DataFrame:
@@ -50,68 +77,88 @@ def read_results(report_dir: Path) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def _cell(col: str, value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def read_tokenizers(report_dir: Path) -> pl.DataFrame | None:
+    """The tokenizer reconstruction rows, or None: the file is optional."""
+    path = report_dir / "tokenizers.parquet"
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value: object, fmt: str, scale: float = 1.0) -> str:
+    if _missing(value):
         return "–"
-    if col == "kid":
-        value = float(value) * 1e3
-    if col in ("params", "trainable_params"):
-        value = float(value) / 1e6
-    return COLUMNS[col][1].format(value)
+    return fmt.format(float(value) * scale if scale != 1.0 else value)
+
+
+def _cell(col: str, value: object) -> str:
+    return _fmt(value, COLUMNS[col][1], SCALE.get(col, 1.0))
+
+
+def _features_header(header: str, features: pl.Series) -> str:
+    """``FID`` -> ``FID[inception, ...]``: which feature extractor(s) the distance used."""
+    feats = sorted({str(f) for f in features.drop_nulls()})
+    return f"{header}[{', '.join(feats)}]" if feats else header
+
+
+def results_rows(df: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the full table: one row per method × steps, present columns only."""
+    cols = [c for c in COLUMNS if c in df.columns]
+    header = [COLUMNS[c][0] for c in cols]
+    if "fid" in cols and "fid_features" in df.columns:
+        header[cols.index("fid")] = _features_header("FID", df["fid_features"])
+    rows = [[_cell(c, r[c]) for c in cols] for r in df.sort(["method", "steps"]).iter_rows(named=True)]
+    return header, rows
+
+
+def steps_rows(df: pl.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side (None without FID)."""
+    if "fid" not in df.columns:
+        return None
+    steps = sorted(df["steps"].unique().to_list())
+    gflops = "gflops_per_image" in df.columns
+    header = ["method"] + [f"FID@{k}" for k in steps] + ([f"GFLOPs@{k}" for k in steps] if gflops else [])
+    rows = []
+    for method in df["method"].unique(maintain_order=True).to_list():
+        by_steps = {r["steps"]: r for r in df.filter(pl.col("method") == method).iter_rows(named=True)}
+        fids = [_cell("fid", by_steps[k]["fid"]) if k in by_steps else "–" for k in steps]
+        gfl = [_cell("gflops_per_image", by_steps[k]["gflops_per_image"]) if k in by_steps else "–"
+               for k in steps] if gflops else []
+        rows.append([method, *fids, *gfl])
+    return header, rows
+
+
+def tokenizer_rows(toks: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the reconstruction table; ``methods`` is shown comma-spaced."""
+    cols = [c for c in TOKENIZER_COLUMNS if c in toks.columns]
+    header = [TOKENIZER_COLUMNS[c][0] for c in cols]
+    if "rfid" in cols and "features" in toks.columns:  # the rFID feature extractor(s)
+        header[cols.index("rfid")] = _features_header("rFID", toks["features"])
+    rows = []
+    for r in toks.iter_rows(named=True):
+        if r.get("methods"):
+            r["methods"] = ", ".join(m.strip() for m in str(r["methods"]).split(",") if m.strip())
+        rows.append([_fmt(r[c], TOKENIZER_COLUMNS[c][1]) for c in cols])
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def markdown_table(df: pl.DataFrame) -> str:
-    cols = [c for c in COLUMNS if c in df.columns]
-    header = [COLUMNS[c][0] for c in cols]
-    if "fid_features" in df.columns and "fid" in cols:
-        feats = sorted({str(f) for f in df["fid_features"].drop_nulls()})
-        header[cols.index("fid")] = f"FID[{', '.join(feats)}]"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
-    for row in df.sort(["method", "steps"]).iter_rows(named=True):
-        lines.append("| " + " | ".join(_cell(c, row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return _md_table(*results_rows(df))
 
 
 def steps_table(df: pl.DataFrame) -> str:
-    """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side."""
-    if "fid" not in df.columns:
-        return ""
-    steps = sorted(df["steps"].unique().to_list())
-    header = ["method"] + [f"FID@{k}" for k in steps] + [f"GFLOPs@{k}" for k in steps]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in df["method"].unique(maintain_order=True).to_list():
-        rows = {r["steps"]: r for r in df.filter(pl.col("method") == method).iter_rows(named=True)}
-        fids = [_cell("fid", rows[k]["fid"]) if k in rows else "–" for k in steps]
-        gfl = [_cell("gflops_per_image", rows[k]["gflops_per_image"]) if k in rows else "–" for k in steps]
-        lines.append("| " + " | ".join([method, *fids, *gfl]) + " |")
-    return "\n".join(lines)
+    table = steps_rows(df)
+    return _md_table(*table) if table else ""
 
 
-def results_markdown(ws: Workspace, df: pl.DataFrame) -> str:
-    exp = ws.exp
-    n = df["num_samples"].max() if "num_samples" in df.columns else "?"
-    parts = [
-        f"# {exp.name}: results",
-        "",
-        f"Data: `{df['dataset'][0] if 'dataset' in df.columns else exp.data.source.name}` at "
-        f"{exp.data.image_size}×{exp.data.image_size}, {exp.data.channels} channel(s). "
-        f"FID and KID on {n} class-balanced samples per row against the {exp.eval.reference} split. "
-        "GFLOPs/img counts every network pass of one sampling call (true FLOPs, attention "
-        "included; the paper convention is 2×MACs without attention matmuls).",
-        "",
-        markdown_table(df),
-        "",
-        "## By step count",
-        "",
-        steps_table(df),
-        "",
-        "![FID vs steps](fid_vs_steps.png) ![FID vs GFLOPs](fid_vs_gflops.png)",
-        "",
-    ]
-    if n != "?" and int(n) < 10_000:
-        parts.append(f"FID on {n} samples is biased upwards relative to the usual 50k; compare rows "
-                     "within this table, not with papers.")
-    return "\n".join(parts) + "\n"
+# ---------------------------------------------------------------------------------- plots
 
 
 def _save_fig(fig: plt.Figure, path: Path) -> None:
@@ -119,22 +166,81 @@ def _save_fig(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_fid(df: pl.DataFrame, out: Path) -> list[Path]:
+def _finite(col: str) -> pl.Expr:
+    # null -> null, which filter() drops like NaN and inf
+    return pl.col(col).cast(pl.Float64).is_finite()
+
+
+def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows no other row beats: the lowest FID among all rows with at most its GFLOPs/img.
+
+    Over all methods and step counts; rows without a finite FID or GFLOPs are left out.
+    Returns those rows sorted by ``gflops_per_image`` (FID falls strictly along them)."""
+    if "fid" not in df.columns or "gflops_per_image" not in df.columns:
+        return df.clear()
+    pts = df.filter(_finite("fid") & _finite("gflops_per_image")).sort(["gflops_per_image", "fid"])
+    # best FID among the rows before (cheaper, or as cheap with lower FID)
+    best_before = pl.col("fid").cum_min().shift(1)
+    return pts.filter(best_before.is_null() | (pl.col("fid") < best_before))
+
+
+def _mark_pareto(ax: plt.Axes, df: pl.DataFrame) -> None:
+    front = pareto_front(df)
+    if len(front) == 0:
+        return
+    x, y = front["gflops_per_image"].to_list(), front["fid"].to_list()
+    # 'post': past a front point, its FID is the best until the next one is affordable
+    ax.step(x, y, where="post", linestyle="--", color="0.3", linewidth=1, label="Pareto front", zorder=1)
+    ax.scatter(x, y, s=150, facecolors="none", edgecolors="k", linewidths=1.2, zorder=3)
+
+
+def plot_fid(df: pl.DataFrame, out: Path, suffix: str = "") -> list[Path]:
+    """``fid_vs_steps<suffix>.png`` and ``fid_vs_gflops<suffix>.png``; [] without FID."""
     if "fid" not in df.columns:
         return []
     paths = []
-    for x, name, log in (("steps", "fid_vs_steps.png", True), ("gflops_per_image", "fid_vs_gflops.png", True)):
+    for x in ("steps", "gflops_per_image"):
+        if x not in df.columns:
+            continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for method, g in df.sort("steps").group_by("method", maintain_order=True):
-            ax.plot(g[x], g["fid"], marker="o", label=method[0])
+            ax.plot(g[x], g["fid"], marker="o", label=method[0], zorder=2)
+        if x == "gflops_per_image":
+            _mark_pareto(ax, df)
         ax.set_xscale("log", base=2 if x == "steps" else 10)
         ax.set_xlabel("sampling steps" if x == "steps" else "GFLOPs per image")
         ax.set_ylabel("FID")
         ax.grid(alpha=0.3)
         ax.legend()
-        _save_fig(fig, out / name)
-        paths.append(out / name)
+        path = out / f"fid_vs_{'steps' if x == 'steps' else 'gflops'}{suffix}.png"
+        _save_fig(fig, path)
+        paths.append(path)
     return paths
+
+
+def _floats(df: pl.DataFrame, col: str) -> list[float]:
+    if col not in df.columns:
+        return [math.nan] * len(df)
+    return [math.nan if _missing(v) else float(v) for v in df[col].to_list()]
+
+
+def plot_tokenizers(toks: pl.DataFrame, out: Path) -> Path:
+    """``tokenizers.png``: rFID and PSNR bars per tokenizer; a missing value is labelled '–'."""
+    names = toks["tokenizer"].to_list()
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.0 + 1.4 * len(names)), 3.6))
+    for ax, col, title in zip(axes, ("rfid", "psnr"), ("rFID (lower is better)", "PSNR, dB (higher is better)")):
+        values = _floats(toks, col)
+        bars = ax.bar(range(len(names)), [0.0 if math.isnan(v) else v for v in values], color="C0")
+        ax.bar_label(bars, labels=["–" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    path = out / "tokenizers.png"
+    _save_fig(fig, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- grids
 
 
 def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> np.ndarray:
@@ -151,12 +257,21 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> n
     return grid[..., 0] if grid.shape[2] == 1 else grid
 
 
+def _grid_keys(df: pl.DataFrame) -> list[tuple[str, int]]:
+    return df.select("method", "steps").unique().sort(["method", "steps"]).rows()
+
+
+def grid_name(method: str, steps: int) -> str:
+    return f"grid_{method}_steps{steps}.png"
+
+
 def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
+    """One PNG per method × steps row; a missing sample file names itself and its command."""
     paths = []
-    for method, steps in df.select("method", "steps").unique().sort(["method", "steps"]).iter_rows():
+    for method, steps in _grid_keys(df):
         images, labels = load_samples(ws.paths.samples(method, steps))
         grid = sample_grid(images, labels, ws.exp.eval.grid_per_class)
-        path = out / f"grid_{method}_steps{steps}.png"
+        path = out / grid_name(method, steps)
         img = Image.fromarray(grid)
         if img.width < 256:  # small digits are unreadable at 1:1
             img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
@@ -165,13 +280,168 @@ def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def build_report(ws: Workspace) -> Path:
-    out = ws.paths.report
-    df = read_results(out)
-    plot_fid(df, out)
+# ---------------------------------------------------------------------------------- content
+
+
+def by_dataset(ws: Workspace, df: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """(dataset, rows) in file order; without a ``dataset`` column, the experiment's source."""
+    fallback = ws.exp.data.source.name
+    if "dataset" not in df.columns:
+        return [(fallback, df)]
+    df = df.with_columns(pl.col("dataset").cast(pl.String).fill_null(fallback))
+    return [(part["dataset"][0], part) for part in df.partition_by("dataset", maintain_order=True)]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"
+
+
+def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, plots: list[Path]) -> list[Block]:
+    exp = ws.exp
+    n = df["num_samples"].max() if "num_samples" in df.columns else None
+    blocks: list[Block] = [
+        ("h", 2, f"Dataset: {dataset}"),
+        ("p", f"Data: `{dataset}` at {exp.data.image_size}×{exp.data.image_size}, {exp.data.channels} "
+              f"channel(s). Metrics on {n if n is not None else '?'} class-balanced samples per row "
+              f"against the {exp.eval.reference} split."),
+        ("table", *results_rows(df)),
+    ]
+    steps = steps_rows(df)
+    if steps:
+        blocks += [("h", 3, "By step count"), ("table", *steps)]
+    if plots:
+        blocks.append(("images", [(p.name, p.stem.replace("_", " ")) for p in plots]))
+    if any(p.name.startswith("fid_vs_gflops") for p in plots):
+        blocks.append(("p", "Rings and the dashed line in FID vs GFLOPs: the Pareto front (lowest FID "
+                            "for at most that many GFLOPs/img, over all methods and step counts)."))
+    if n is not None and int(n) < 10_000 and "fid" in df.columns:
+        blocks.append(("p", f"FID on {n} samples is biased upwards relative to the usual 50k; compare "
+                            "rows within this table, not with papers."))
+    return blocks
+
+
+def tokenizer_blocks(toks: pl.DataFrame, plot: Path) -> list[Block]:
+    return [
+        ("h", 2, "Tokenizers: reconstruction"),
+        ("p", "Encode → decode of real images by each tokenizer: rFID against the originals "
+              "(lower is better) and PSNR in dB (higher is better)."),
+        ("table", *tokenizer_rows(toks)),
+        ("images", [(plot.name, "rFID and PSNR per tokenizer")]),
+    ]
+
+
+def grid_blocks(df: pl.DataFrame) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Samples"), ("p", "One row per class.")]
+    for method in sorted(df["method"].unique().to_list()):
+        steps = [s for m, s in _grid_keys(df) if m == method]
+        blocks += [("h", 3, method), ("images", [(grid_name(method, s), f"{s} step(s)") for s in steps])]
+    return blocks
+
+
+def report_blocks(ws: Workspace, df: pl.DataFrame, toks: pl.DataFrame | None, out: Path) -> list[Block]:
+    """Write every plot and grid into ``out`` and return the report's content."""
+    datasets = by_dataset(ws, df)
+    blocks: list[Block] = [
+        ("h", 1, f"{ws.exp.name}: results"),
+        ("p", "GFLOPs/img counts every network pass of one sampling call (true FLOPs, attention "
+              "included; the paper convention is 2×MACs without attention matmuls)."),
+    ]
+    for dataset, part in datasets:
+        suffix = "" if len(datasets) == 1 else f"_{_slug(dataset)}"
+        blocks += dataset_blocks(ws, dataset, part, plot_fid(part, out, suffix))
+    if toks is not None and len(toks):
+        blocks += tokenizer_blocks(toks, plot_tokenizers(toks, out))
     write_grids(ws, df, out)
+    return blocks + grid_blocks(df)
+
+
+# ---------------------------------------------------------------------------------- render
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            parts.append(block[1])
+        elif kind == "table":
+            parts.append(_md_table(block[1], block[2]))
+        elif kind == "images":
+            parts.append(" ".join(f"![{cap}]({name})" for name, cap in block[1]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _img_class(name: str) -> str:
+    # sample grids stay sharp when the page scales them; plots are smoothed as usual
+    return ' class="grid"' if name.startswith("grid_") else ""
+
+
+def _html_images(images: list[tuple[str, str]], out: Path) -> str:
+    figs = "".join(f'<figure><img src="{_data_uri(out / name)}" alt="{html.escape(cap)}"{_img_class(name)}>'
+                   f"<figcaption>{html.escape(cap)}</figcaption></figure>" for name, cap in images)
+    return f'<div class="images">{figs}</div>'
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f2f2f2}
+code{background:#f2f2f2;padding:0 3px}
+.images{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+figure{margin:0}figcaption{font-size:13px;color:#555;text-align:center}
+img{max-width:100%}img.grid{image-rendering:pixelated}"""
+
+
+def to_html(blocks: list[Block], title: str, out: Path) -> str:
+    """One self-contained page: the images in ``out`` named by the blocks become data URIs."""
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "table":
+            parts.append(_html_table(block[1], block[2]))
+        elif kind == "images":
+            parts.append(_html_images(block[1], out))
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def results_markdown(ws: Workspace, df: pl.DataFrame) -> str:
+    """results.md for ``df`` (writes the plots and grids it links to)."""
+    out = ws.paths.report
+    return to_markdown(report_blocks(ws, df, read_tokenizers(out), out))
+
+
+def build_report(ws: Workspace) -> Path:
+    """results.md, index.html, plots and grids from the parquet files and samples alone.
+
+    Returns the path of results.md."""
+    out = ws.paths.report
+    blocks = report_blocks(ws, read_results(out), read_tokenizers(out), out)
+    atomic_write_text(out / "index.html", to_html(blocks, f"{ws.exp.name}: results", out))
     path = out / "results.md"
-    atomic_write_text(path, results_markdown(ws, df))
+    atomic_write_text(path, to_markdown(blocks))
     return path
 
 

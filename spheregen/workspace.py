@@ -13,7 +13,7 @@ from spheregen.config import Component, make_component
 from spheregen.data import Data
 from spheregen.errors import ConfigError
 from spheregen.experiment import Experiment, MethodEntry
-from spheregen.interfaces import BuildContext, MetricContext
+from spheregen.interfaces import BuildContext, DataSpec, MetricContext
 from spheregen.paths import Paths
 from spheregen.plugins import registries
 
@@ -44,20 +44,41 @@ class Workspace:
         return Data(self.exp.data, source, self.paths.cache)
 
     def build_context(self, device: torch.device | None = None) -> BuildContext:
+        return self._context(self.data.spec, device or self.device, data=True)
+
+    def _context(self, spec: DataSpec, device: torch.device, data: bool) -> BuildContext:
         ctx: BuildContext | None = None
 
         def build(kind: str, component: Component | str) -> Any:
             return build_component(kind, component, ctx)
 
         ctx = BuildContext(
-            data=self.data.spec,
+            data=spec,
             build=build,
-            train_data=lambda: (self.data.train.images, self.data.train.labels),
-            cache_dir=str(self.paths.cache),
-            data_key=self.data.key,
-            device=device or self.device,
+            train_data=(lambda: (self.data.train.images, self.data.train.labels)) if data else None,
+            cache_dir=str(self.paths.cache) if data else None,
+            data_key=self.data.key if data else None,
+            device=device,
         )
         return ctx
+
+    def declared_spec(self) -> DataSpec:
+        """The DataSpec from the experiment file alone when it declares
+        ``data.num_classes``; otherwise the data source is opened to count the classes."""
+        cfg = self.exp.data
+        if cfg.num_classes is not None:
+            return DataSpec(image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes)
+        return self.data.spec
+
+    def build_architecture(self, entry: MethodEntry) -> tuple[torch.nn.Module, Any]:
+        """Method and sampler of ``entry`` on the ``meta`` device: shapes only, no
+        weights, no data, no training (factories see ``ctx.device.type == "meta"``)."""
+        ctx = self._context(self.declared_spec(), torch.device("meta"), data=False)
+        where = f"{self.exp.source}: methods '{entry.name}'"
+        with torch.device("meta"):
+            method = build_component("method", entry.method, ctx, where)
+        sampler = entry.sampler if entry.sampler is not None else method.default_sampler
+        return method, build_component("sampler", sampler, ctx, where)
 
     def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
         return build_component("method", entry.method, self.build_context(device),

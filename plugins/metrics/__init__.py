@@ -1,5 +1,6 @@
 """Built-in metrics: FID, KID, Inception Score, precision/recall (torch-fidelity), in the
-Inception feature space or an offline domain-classifier feature space.
+Inception feature space or an offline domain-classifier feature space, and CMMD (MMD in
+CLIP space or the same domain-classifier space; :mod:`spheregen_plugins.metrics.cmmd`).
 
 Each factory is ``Metric(cfg, ctx) -> Metric`` with ``keys``, ``features``,
 ``feature_info`` and ``compute(samples, reference)``; see
@@ -8,7 +9,14 @@ metrics of images; they live in :mod:`spheregen.flops`.
 """
 
 import spheregen
-from spheregen_plugins.metrics.config import FidConfig, InceptionScoreConfig, KidConfig, PrecisionRecallConfig
+from spheregen_plugins.metrics.cmmd import CMMD
+from spheregen_plugins.metrics.config import (
+    CmmdConfig,
+    FidConfig,
+    InceptionScoreConfig,
+    KidConfig,
+    PrecisionRecallConfig,
+)
 from spheregen_plugins.metrics.fidelity import FID, KID, InceptionScore, PrecisionRecall
 
 
@@ -18,3 +26,4 @@ def spheregen_register_metrics(register):
     register("kid", KID, KidConfig)
     register("inception-score", InceptionScore, InceptionScoreConfig)
     register("precision-recall", PrecisionRecall, PrecisionRecallConfig)
+    register("cmmd", CMMD, CmmdConfig)

@@ -3,12 +3,13 @@
 Every metric names its feature space in ``features``. The default is ``"inception"``
 (torch-fidelity's InceptionV3, the published convention); it needs a weights file that
 is checked when the metric is built, and a missing file is an error that names the
-offline alternative ``"domain-classifier"``. No feature space is ever substituted at
-run time.
+offline alternative ``"domain-classifier"``. CMMD names its space in ``embedding``
+(``"clip"`` by default, same rules). No feature space is ever substituted at run time.
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import attrs
@@ -95,3 +96,45 @@ class PrecisionRecallConfig(FeatureMetricConfig):
     ``neighborhood`` neighbours; both sets need more than ``neighborhood`` images."""
 
     neighborhood: int = attrs.field(default=3, validator=_positive)
+
+
+EMBEDDINGS = ("clip", "domain-classifier")
+Embedding = Literal["clip", "domain-classifier"]
+# torch-fidelity 0.4's CLIP extractors (torch_fidelity.feature_extractor_clip.MODEL_METADATA)
+ClipModel = Literal[
+    "clip-rn50",
+    "clip-rn101",
+    "clip-rn50x4",
+    "clip-rn50x16",
+    "clip-rn50x64",
+    "clip-vit-b-32",
+    "clip-vit-b-16",
+    "clip-vit-l-14",
+    "clip-vit-l-14-336px",
+]
+CLIP_MODELS = typing.get_args(ClipModel)
+
+
+@attrs.frozen(kw_only=True)
+class CmmdConfig:
+    """CMMD (Jayasumana et al. 2024): MMD² with a Gaussian RBF kernel between
+    L2-normalised image embeddings of samples and reference, × ``scale``.
+
+    ``embedding``: ``clip`` (torch-fidelity's CLIP image encoder ``clip_model``, default
+    ViT-L/14 at 336 px as in the paper; weights from the local torch hub cache) or
+    ``domain-classifier`` (the offline feature space of :class:`ClassifierConfig`).
+    ``sigma``: kernel bandwidth, k(x, y) = exp(-‖x − y‖² / (2σ²)); the paper's 10.
+    ``scale``: the paper's ×1000. ``batch_size``: images per extractor batch.
+    """
+
+    embedding: Embedding = attrs.field(default="clip", validator=attrs.validators.in_(EMBEDDINGS))
+    clip_model: ClipModel = attrs.field(default="clip-vit-l-14-336px", validator=attrs.validators.in_(CLIP_MODELS))
+    sigma: float = attrs.field(default=10.0, validator=_positive)
+    scale: float = attrs.field(default=1000.0, validator=_positive)
+    batch_size: int = attrs.field(default=64, validator=_positive)
+    classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
+
+    @classmethod
+    def tiny(cls):
+        """The offline feature space with a one-epoch classifier (contract tests)."""
+        return cls(embedding="domain-classifier", classifier=ClassifierConfig(width=8, epochs=1, batch_size=32))

@@ -37,7 +37,7 @@ class SphereEncoder(nn.Module):
 
     default_sampler = "sphere"
 
-    def __init__(self, cfg: SphereEncoderConfig, data: DataSpec):
+    def __init__(self, cfg: SphereEncoderConfig, data: DataSpec, losses: bool = True):
         super().__init__()
         patch = cfg.patch_size if cfg.patch_size is not None else official_patch_size(data.image_size)
         if data.image_size % patch:
@@ -57,7 +57,8 @@ class SphereEncoder(nn.Module):
         self.encoder = Encoder(**common)
         self.decoder = Decoder(**common, head=cfg.head)
         needs_perceptual = cfg.perc_weight > 0 or (cfg.pixel_consistency and cfg.con_perc_weight > 0)
-        self._perceptual = Perceptual() if needs_perceptual else None
+        # losses=False (an architecture built on meta to count FLOPs) needs no VGG weights
+        self._perceptual = Perceptual() if needs_perceptual and losses else None
 
     @property
     def conditional(self) -> bool:
@@ -180,4 +181,4 @@ class SphereEncoder(nn.Module):
 
 def build_method(cfg: SphereEncoderConfig, ctx: BuildContext) -> SphereEncoder:
     """Pixel-space Sphere Encoder (Yue et al.): ViT encoder/decoder on a spherical latent."""
-    return SphereEncoder(cfg, ctx.data).to(ctx.device)
+    return SphereEncoder(cfg, ctx.data, losses=ctx.device.type != "meta").to(ctx.device)

@@ -394,14 +394,17 @@ def find_dinov2_weights(cfg: RAEConfig) -> Path:
     )
 
 
-def build_dinov2(cfg: RAEConfig) -> DinoEncoder:
-    """A frozen DINOv2 encoder with weights from a local file (no download)."""
+def build_dinov2(cfg: RAEConfig, load: bool = True) -> DinoEncoder:
+    """A frozen DINOv2 encoder with weights from a local file (no download);
+    ``load=False`` builds the architecture alone (meta-device FLOP counts)."""
     import timm
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    path = find_dinov2_weights(cfg)
     model = timm.create_model(cfg.dinov2_model, pretrained=False, num_classes=0, img_size=cfg.dinov2_image_size)
+    if not load:
+        return DinoEncoder(model, cfg.dinov2_image_size).eval().requires_grad_(False)
+    path = find_dinov2_weights(cfg)
     state = checkpoint_filter_fn(load_state_dict(str(path)), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
@@ -589,7 +592,7 @@ def data_fingerprint(images: Tensor, labels: Tensor) -> str:
 def _new_tokenizer(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
     spec = ctx.data
     if cfg.encoder == "dinov2":
-        encoder: nn.Module = build_dinov2(cfg)
+        encoder: nn.Module = build_dinov2(cfg, load=ctx.device.type != "meta")
         grid, latent_dim = encoder.grid, encoder.model.num_features
     else:
         encoder = ViTEncoder(channels=spec.channels, image_size=spec.image_size, patch=cfg.patch,
@@ -644,6 +647,11 @@ def fit_rae(tok: RAETokenizer, cfg: RAEConfig, images: Tensor, labels: Tensor, n
 
 def build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
     """RAE: frozen representation encoder (DINOv2 or self-trained ViT) + trained ViT decoder."""
+    if ctx.device.type == "meta":
+        # the architecture only, for counting FLOPs and parameters: no weights are
+        # looked up, nothing is trained or cached
+        with torch.device("meta"):
+            return _new_tokenizer(cfg, ctx).eval()
     if cfg.lpips_weight > 0:
         check_lpips_weights()
     # Initialisation and training draw from a private RNG seeded by the config: the same

@@ -1,0 +1,157 @@
+"""The report from results.parquet, tokenizers.parquet and sample files alone: no weights,
+no dataset. Results are hand-made, so every number in the tables is known."""
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from spheregen.errors import SpheregenError
+from spheregen.evaluation import save_samples
+from spheregen.experiment import load_experiment
+from spheregen.report import build_report, pareto_front
+from spheregen.workspace import Workspace
+
+METHODS = '[[methods]]\nname = "ae-a"\nmethod = "toy-ae"\n[[methods]]\nname = "ae-b"\nmethod = "toy-ae"\n'
+ROWS = [  # method, steps, fid, gflops, cmmd, latency_b1_s, peak_memory_mb
+    ("ae-a", 1, 50.0, 1.0, 0.5, 0.0123, 100.0),
+    ("ae-a", 2, 30.0, 2.0, 0.4, 0.0246, 100.0),
+    ("ae-b", 1, 40.0, 1.5, None, 0.02, 120.5),
+    ("ae-b", 2, 35.0, 3.0, float("nan"), 0.04, 120.5),
+]
+PLOTS = ("fid_vs_steps.png", "fid_vs_gflops.png", "tokenizers.png")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
+
+
+def _results() -> pl.DataFrame:
+    cols = ("method", "steps", "fid", "gflops_per_image", "cmmd", "latency_b1_s", "peak_memory_mb")
+    df = pl.DataFrame([dict(zip(cols, r)) for r in ROWS], schema_overrides={"cmmd": pl.Float64})
+    return df.with_columns(dataset=pl.lit("digits"), num_samples=pl.lit(40), fid_features=pl.lit("toy"))
+
+
+def _tokenizers() -> pl.DataFrame:
+    return pl.DataFrame({
+        "tokenizer": ["patch", "rae"], "methods": ["ae-a,ae-b", "ae-b"], "config_hash": ["h1", "h2"],
+        "rfid": [None, 3.25], "psnr": [21.5, 18.0], "num_images": [40, 40], "features": [None, "toy"],
+    }, schema_overrides={"rfid": pl.Float64})
+
+
+@pytest.fixture
+def ws(toy_registries, tiny_experiment, tmp_path):
+    """A workspace whose report dir holds both parquet files and whose runs hold samples only."""
+    ws = Workspace(load_experiment(tiny_experiment(methods=METHODS)), tmp_path / "runs", tmp_path / "reports",
+                   torch.device("cpu"))
+    ws.paths.report.mkdir(parents=True)
+    _results().write_parquet(ws.paths.report / "results.parquet")
+    _tokenizers().write_parquet(ws.paths.report / "tokenizers.parquet")
+    gen = torch.Generator().manual_seed(0)
+    for method, steps, *_ in ROWS:
+        images = torch.randint(0, 256, (40, 1, 8, 8), generator=gen, dtype=torch.uint8)
+        save_samples(ws.paths.samples(method, steps), images, torch.arange(40) % 10, {"method": method})
+    return ws
+
+
+def _embedded(page: str) -> list[str]:
+    return re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+
+
+def test_markdown_tables(ws):
+    md = build_report(ws).read_text()
+    assert "## Dataset: digits" in md
+    assert "| method | steps | FID[toy] | CMMD | GFLOPs/img | latency b=1 (ms) | peak mem (MB) |" in md
+    assert "| ae-a | 1 | 50.00 | 0.500 | 1.000 | 12.3 | 100.0 |" in md
+    assert "| ae-b | 1 | 40.00 | – | 1.500 | 20.0 | 120.5 |" in md  # null
+    assert "| ae-b | 2 | 35.00 | – | 3.000 | 40.0 | 120.5 |" in md  # NaN
+    assert "| method | FID@1 | FID@2 | GFLOPs@1 | GFLOPs@2 |" in md
+    assert "| ae-a | 50.00 | 30.00 | 1.000 | 2.000 |" in md
+    assert "## Tokenizers: reconstruction" in md
+    assert "| tokenizer | used by | rFID[toy] | PSNR (dB) | images |" in md
+    assert "| patch | ae-a, ae-b | – | 21.50 | 40 |" in md and "| rae | ae-b | 3.25 | 18.00 | 40 |" in md
+    for name in (*PLOTS, "grid_ae-a_steps1.png", "grid_ae-b_steps2.png"):
+        assert (ws.paths.report / name).is_file() and f"]({name})" in md, name
+
+
+def test_html_is_self_contained(ws):
+    build_report(ws)
+    page = (ws.paths.report / "index.html").read_text()
+    assert page.count("<table>") == 3 and "<h2>Dataset: digits</h2>" in page and "<td>50.00</td>" in page
+    assert not [s for s in re.findall(r'src="([^"]*)"', page) if not s.startswith("data:")]
+    assert "href=" not in page
+    images = _embedded(page)
+    assert len(images) == len(PLOTS) + len(ROWS)  # plots + one grid per method × steps
+    for data in images:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+            img.verify()
+    for method in ("ae-a", "ae-b"):
+        assert f"<h3>{method}</h3>" in page
+
+
+def test_without_tokenizers_file(ws):
+    (ws.paths.report / "tokenizers.parquet").unlink()
+    md = build_report(ws).read_text()
+    assert "Tokenizers" not in md and not (ws.paths.report / "tokenizers.png").exists()
+    assert len(_embedded((ws.paths.report / "index.html").read_text())) == len(PLOTS) - 1 + len(ROWS)
+
+
+def test_rebuilt_from_the_parquet_files_alone(ws):
+    first = build_report(ws).read_text()
+    for path in ws.paths.report.iterdir():
+        if path.suffix != ".parquet":
+            path.unlink()
+    assert build_report(ws).read_text() == first
+    assert (ws.paths.report / "index.html").is_file() and (ws.paths.report / "fid_vs_gflops.png").is_file()
+    assert "data" not in ws.__dict__  # the dataset was never built
+
+
+def test_missing_sample_file_names_it(ws):
+    missing = ws.paths.samples("ae-b", 2)
+    missing.unlink()
+    with pytest.raises(SpheregenError, match=r"steps-2\.npz.*spheregen sample"):
+        build_report(ws)
+
+
+def test_pareto_front():
+    df = pl.DataFrame({
+        "method": ["a", "a", "a", "b", "b", "b", "c", "c", "d"],
+        "gflops_per_image": [1.0, 2.0, 4.0, 1.5, 3.0, 8.0, 2.0, 0.5, 0.1],
+        "fid": [50.0, 30.0, 20.0, 40.0, 35.0, 10.0, 31.0, None, float("nan")],
+    })
+    front = pareto_front(df)
+    assert front["gflops_per_image"].to_list() == [1.0, 1.5, 2.0, 4.0, 8.0]
+    assert front["fid"].to_list() == [50.0, 40.0, 30.0, 20.0, 10.0]
+    assert front["method"].to_list() == ["a", "b", "a", "a", "b"]
+    assert len(pareto_front(df.drop("fid"))) == 0
+
+
+def test_screenshot_in_headless_browser(ws, tmp_path):
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip(f"no headless browser on PATH (looked for {', '.join(BROWSERS)})")
+    build_report(ws)
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1280,2000", (ws.paths.report / "index.html").resolve().as_uri()],
+                   check=False, timeout=60, capture_output=True, cwd=tmp_path)
+    assert shot.is_file(), "the browser wrote no screenshot"
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.reshape(-1, 3).std(axis=0).max() > 0, "the screenshot is one flat colour"
+
+
+def test_one_section_per_dataset(ws):
+    df = _results().with_columns(dataset=pl.when(pl.col("method") == "ae-a").then(pl.lit("digits"))
+                                 .otherwise(pl.lit("hf:ylecun/mnist")))
+    df.write_parquet(ws.paths.report / "results.parquet")
+    md = build_report(ws).read_text()
+    digits, mnist = md.split("## Dataset: hf:ylecun/mnist")
+    assert "## Dataset: digits" in digits and "| ae-a | 1 | 50.00 |" in digits and "| ae-b |" not in digits
+    assert "| ae-b | 1 | 40.00 |" in mnist.split("## Tokenizers")[0]
+    for name in ("fid_vs_gflops_digits.png", "fid_vs_gflops_hf-ylecun-mnist.png"):
+        assert (ws.paths.report / name).is_file() and f"]({name})" in md
