@@ -10,17 +10,19 @@ uses the same seed, so step counts are compared on the same starting noise.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from spheregen import flops
-from spheregen.config import config_hash, to_dict
+from spheregen import distributed, flops
+from spheregen.config import Component, config_hash, to_dict
 from spheregen.data import balanced_labels, to_uint8
 from spheregen.errors import SpheregenError
 from spheregen.experiment import MethodEntry
@@ -30,16 +32,32 @@ from spheregen.runner import load_trained
 from spheregen.workspace import Workspace
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of sample batch ``index``: batches draw independent streams, so any
+    process can draw any batch and the result does not depend on the process count."""
+    return seed * 1_000_003 + index
+
+
 def generate(sampler: Any, method: Any, labels: torch.Tensor, steps: int, guidance: float, seed: int,
              batch: int, device: torch.device, desc: str = "") -> torch.Tensor:
-    """uint8 N×C×H×W samples for ``labels`` (N), drawn in batches from one seeded generator."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(labels), batch), desc=desc, leave=False, disable=not desc):
-            y = labels[i:i + batch].to(device)
-            out.append(to_uint8(sampler.sample(method, y, steps, guidance, gen)))
-    return torch.cat(out)
+    """uint8 N×C×H×W samples for ``labels`` (N) on the CPU, in batches of ``batch``
+    seeded by :func:`batch_seed`, spread over the accelerate processes and gathered
+    (every process returns all N)."""
+    n_batches = -(-len(labels) // batch)
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not desc or not distributed.is_main())
+
+    def one(i: int) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
+        y = labels[i * batch:(i + 1) * batch].to(device)
+        with torch.no_grad():
+            out = to_uint8(sampler.sample(method, y, steps, guidance, gen)).cpu()
+        bar.update()
+        return out
+
+    try:
+        return torch.cat(distributed.map_batches(n_batches, one))
+    finally:
+        bar.close()
 
 
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> None:
@@ -58,7 +76,8 @@ def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progress: bool = True) -> list[Path]:
-    """Write the sample file of every step count of one method."""
+    """Write the sample file of every step count of one method (batches shared out over
+    the accelerate processes; the main process writes)."""
     ev = ws.exp.eval
     method = load_trained(ws, entry, ev.use_ema, device)
     sampler = ws.build_sampler(entry, method)
@@ -68,9 +87,44 @@ def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progre
         images = generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
                           desc=f"sample {entry.name} @ {steps} steps" if progress else "")
         path = ws.paths.samples(entry.name, steps)
-        save_samples(path, images, labels, {"method": entry.name, "steps": steps, "seed": ev.seed})
+        if distributed.is_main():
+            save_samples(path, images, labels, {"method": entry.name, "steps": steps, "seed": ev.seed})
         written.append(path)
+    distributed.barrier()
     return written
+
+
+def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``metric.extract(images)`` with its batches shared out over the processes."""
+    b = metric.cfg.batch_size
+    parts = distributed.map_batches(-(-len(images) // b), lambda i: metric.extract(images[i * b:(i + 1) * b]))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    """Every metric on one uint8 sample set. Metrics of one feature space (equal
+    ``feature_key``) share one extraction of the samples, sharded over the processes;
+    a metric without ``extract`` scores by ``compute`` on the main process. Every
+    process returns the same dict."""
+    out: dict[str, Any] = {}
+    groups: dict[str, list[Any]] = {}
+    for _, metric in metrics:
+        key = getattr(metric, "feature_key", None)
+        if key is None or not hasattr(metric, "extract"):
+            out.update(metric.compute(samples, reference) if distributed.is_main() else {})
+        else:
+            groups.setdefault(key, []).append(metric)
+    for group in groups.values():
+        first = group[0]
+        features = sharded_extract(first, samples)
+        ref = first.reference_features(reference, extract=lambda x: sharded_extract(first, x))
+        for metric in group:
+            out.update(metric.score(features, ref))
+    for _, metric in metrics:
+        for key in ("fid", "cmmd"):
+            if key in metric.keys:
+                out[f"{key}_features"] = getattr(metric, "feature_info", metric.features)
+    return out
 
 
 def _provider(kind: str, name: str) -> str:
@@ -78,19 +132,50 @@ def _provider(kind: str, name: str) -> str:
     return f"{p.distribution}=={p.version}"
 
 
+def _components(obj: Any, kind: str | None = None) -> list[tuple[str, str]]:
+    """(kind, name) of every component in a config tree, nested ones included; the
+    kind comes from the attrs field metadata that declares the component."""
+    found: list[tuple[str, str]] = []
+    if isinstance(obj, Component):
+        if kind is not None:
+            found.append((kind, obj.name))
+        obj = obj.config
+    if attrs.has(type(obj)):
+        for f in attrs.fields(type(obj)):
+            value = getattr(obj, f.name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                found += _components(item, f.metadata.get("kind"))
+    return found
+
+
+def plugin_versions(ws: Workspace, entry: MethodEntry, sampler: str) -> str:
+    """JSON {"kind:name": "distribution==version"} of every component a result row
+    depends on: dataset, method with its nested tokenizer/denoiser, sampler, metrics."""
+    parts = _components(entry) + _components(ws.exp.data) + _components(ws.exp.eval) + [("sampler", sampler)]
+    return json.dumps({f"{k}:{n}": _provider(k, n) for k, n in sorted(set(parts))}, sort_keys=True)
+
+
 @torch.no_grad()
 def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, steps: int, device: torch.device) -> dict[str, Any]:
+    """FLOPs, speed at the throughput batch and at batch 1, and peak tensor memory of one
+    sampling call at the throughput batch."""
     ev = ws.exp.eval
     count = flops.count_sampling_flops(sampler, method, steps, entry.guidance, device=device)
     labels = balanced_labels(ev.throughput_batch, ws.data.spec.num_classes).to(device)
-    speed = flops.measure_throughput(lambda: sampler.sample(method, labels, steps, entry.guidance, None),
-                                     batch=ev.throughput_batch, warmup=1, repeats=3, device=device)
+    call = lambda y: (lambda: sampler.sample(method, y, steps, entry.guidance, None))  # noqa: E731
+    speed = flops.measure_throughput(call(labels), batch=ev.throughput_batch, warmup=1, repeats=3, device=device)
+    single = flops.measure_throughput(call(labels[:1]), batch=1, warmup=1, repeats=5, device=device)
+    peak = flops.measure_peak_memory(call(labels), method, device)
     return {
         "nfe": sampler.nfe(steps, entry.guidance),
         "gflops_per_image": count.total / 1e9,
         "gflops_paper": count.paper / 1e9,
         "images_per_s": speed.images_per_s,
         "latency_s": speed.latency_s,
+        "throughput_batch": ev.throughput_batch,
+        "latency_b1_s": single.latency_s,
+        "peak_memory_mb": peak / 2**20,
     }
 
 
@@ -112,16 +197,18 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
         "images_seen": entry.train.steps * entry.train.batch_size * entry.train.grad_accum,
         "config_hash": config_hash(entry),
         "provider": _provider("method", entry.method.name),
+        "plugin_versions": plugin_versions(ws, entry, ws.sampler_name(entry, method)),
+        "spheregen_version": importlib.metadata.version("spheregen"),
     }
     rows = []
     for steps in ws.exp.steps_for(entry):
         samples, _ = load_samples(ws.paths.samples(entry.name, steps))
+        scores = score_all(metrics, samples, reference)
+        if not distributed.is_main():
+            continue  # speed and FLOPs are measured by one process
         row = {**base, "steps": steps, "num_samples": len(samples)}
         row.update(_cost_row(ws, entry, method, sampler, steps, device))
-        for name, metric in metrics:
-            row.update(metric.compute(samples, reference))
-            if "fid" in metric.keys:
-                row["fid_features"] = getattr(metric, "feature_info", metric.features)
+        row.update(scores)
         rows.append(row)
     return rows
 
@@ -149,14 +236,17 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
     """Score every method's samples and write results.parquet (all rows are computed
     before anything is written, so a failure leaves the previous results untouched)."""
     device = device or ws.device
-    metrics = ws.build_metrics(device)
+    with distributed.state().main_process_first():  # one process trains/caches the feature network
+        metrics = ws.build_metrics(device)
     reference = ws.reference_images()
     rows = []
     for entry in ws.exp.methods:
         if names and entry.name not in names:
             continue
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device))
-    return write_results(ws, rows)
+    path = write_results(ws, rows) if distributed.is_main() else ws.paths.report / "results.parquet"
+    distributed.barrier()
+    return path
 
 
 def read_external_samples(path: Path, key: str) -> torch.Tensor:
@@ -180,8 +270,5 @@ def score_samples(ws: Workspace, samples: torch.Tensor, device: torch.device | N
     expected = (ws.data.spec.channels, ws.data.spec.image_size, ws.data.spec.image_size)
     if tuple(samples.shape[1:]) != expected:
         raise SpheregenError(f"samples are {tuple(samples.shape[1:])}, the experiment's data is {expected} (C×H×W)")
-    out: dict[str, Any] = {}
-    for _, metric in ws.build_metrics(device or ws.device):
-        out.update(metric.compute(samples, ws.reference_images()))
-        out.setdefault("features", getattr(metric, "feature_info", metric.features))
+    out = score_all(ws.build_metrics(device or ws.device), samples, ws.reference_images())
     return out

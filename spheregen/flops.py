@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
 from collections import Counter
 from typing import Any, Callable, Literal, Sequence
 
@@ -40,6 +41,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
@@ -275,3 +279,61 @@ def format_flops_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{r['method']:<22} {r['steps']:>5} {r['nfe']:>4} {r['guidance']:>8.2f} {r['gflops_true']:>14.2f} "
                      f"{r['gflops_paper']:>15.2f} {r['params'] / 1e6:>11.1f}")
     return "\n".join(lines)
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Follows every storage an op creates (weakly, so freeing it is seen) and keeps
+    the peak of the live total; storages that existed before (weights) are added by
+    :meth:`add`. Views share their base's storage and cost nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.current = 0
+        self.peak = 0
+
+    def add(self, tensor: Any) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            return
+        st = tensor.untyped_storage()
+        if st in self.seen:
+            return
+        n = st.nbytes()
+        self.seen[st] = weakref.finalize(st, self._free, n)
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, n: int) -> None:
+        self.current -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.add(t)
+        return out
+
+
+def measure_peak_memory(fn: Callable[[], Any], module: torch.nn.Module | None = None,
+                        device: torch.device | str | None = None) -> int:
+    """Peak bytes of tensor memory on ``device`` while ``fn()`` runs under no_grad,
+    ``module``'s parameters and buffers included.
+
+    CUDA: the allocator's peak (``max_memory_allocated``, reset first). Other devices
+    (CPU, meta): a dispatch mode that follows every tensor storage ops create, so the
+    number is the tensors' live bytes, not the process RSS that the allocator, the
+    Python heap and the libraries inflate."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    tracker = _LiveTensorBytes()
+    if module is not None:
+        for t in (*module.parameters(), *module.buffers()):
+            tracker.add(t)
+    with torch.no_grad(), tracker:
+        fn()
+    return tracker.peak

@@ -5,11 +5,13 @@ sample sets (one per method and step count) against the same reference images:
 
 * the feature space is resolved at build time (Inception weights looked up, or the
   domain classifier trained/loaded), so a missing file fails before any training;
-* inputs go to ``torch_fidelity.calculate_metrics`` as Datasets of uint8 3×H×W tensors
-  (grayscale replicated), with torch-fidelity's cache under ``<cache_dir>/torch-fidelity``;
-* the reference gets a cache name from its content, the dataset key and the feature
-  extractor's identity, so its features (and FID statistics) are extracted once and
-  reused by every later call and by the other metrics in the same feature space;
+* features are extracted here with torch-fidelity's extractors (one shared instance per
+  network, weights and device), batch by batch in order, and scored by torch-fidelity's
+  own ``*_featuresdict_to_metric`` functions: the numbers are ``calculate_metrics``' on
+  the same inputs, while evaluation can shard extraction over processes and extract a
+  sample set once for all metrics of one feature space (equal ``feature_key``);
+* the reference's features are cached on disk under ``<cache_dir>/features/`` by
+  content, dataset key, feature space and batch size, so they are extracted once;
   samples are never cached (each set is scored once);
 * every random choice (KID subsets, IS shuffle) is seeded, and CPU feature extraction
   is deterministic, so a fixed input gives a fixed score.
@@ -17,17 +19,23 @@ sample sets (one per method and step count) against the same reference images:
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
+import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import attrs
 import threadpoolctl
 import torch
 import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
 
 from spheregen.interfaces import MetricContext
 from spheregen_plugins.metrics import domain_classifier, inception
@@ -73,20 +81,6 @@ def resolve_features(cfg: FeatureMetricConfig, ctx: MetricContext) -> FeatureSpa
     )
 
 
-class UInt8Images(Dataset):
-    """uint8 N×C×H×W (C = 1 or 3) as torch-fidelity wants it: items of uint8 3×H×W."""
-
-    def __init__(self, images: Tensor):
-        self.images = images.cpu()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        x = self.images[i]
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
-
-
 def content_digest(images: Tensor) -> str:
     """A short digest of a uint8 tensor's shape and bytes (the reference's cache identity)."""
     h = hashlib.blake2b(digest_size=8)
@@ -104,11 +98,29 @@ def check_images(name: str, images: Any) -> Tensor:
     return images
 
 
-class FidelityMetric:
-    """Base of the torch-fidelity metrics: subclasses name the torch-fidelity switch,
-    map its result keys to public keys and add their options."""
+@functools.lru_cache(maxsize=8)
+def _extractor(name: str, weights_path: str, device: str) -> torch.nn.Module:
+    """One feature extractor per (network, weights, device), shared by the metrics
+    that use it (FID, KID, IS and precision/recall need one Inception, not four)."""
+    cls = FEATURE_EXTRACTORS_REGISTRY[name]
+    layers = list(cls.get_provided_features_list())
+    dev = torch.device(device)
+    net = create_feature_extractor(name, layers, cuda=False, feature_extractor_weights_path=weights_path,
+                                   verbose=False)
+    return net.to(dev).eval()
 
-    FLAG: ClassVar[str]  # calculate_metrics switch: fid, kid, isc, prc
+
+class FidelityMetric:
+    """Base of the torch-fidelity metrics: features are extracted here, batch by batch,
+    and scored by torch-fidelity's own ``*_featuresdict_to_metric`` functions, so the
+    numbers are those of ``torch_fidelity.calculate_metrics`` on the same inputs.
+
+    ``extract`` / ``score`` are split so evaluation can shard extraction over processes
+    and share one extraction among the metrics of one feature space (``feature_key``).
+    Subclasses name the torch-fidelity metric, map its result keys to public keys and
+    implement ``_score``."""
+
+    FLAG: ClassVar[str]  # torch-fidelity metric name: fid, kid, isc, prc
     KEYS: ClassVar[dict[str, str]]  # public key -> torch-fidelity key
     PREFIX: ClassVar[str]  # of the feature-accuracy key, e.g. fid_features_accuracy
     NEEDS_REFERENCE: ClassVar[bool] = True
@@ -122,13 +134,43 @@ class FidelityMetric:
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         extra = (self.accuracy_key,) if self.space.accuracy is not None else ()
         self.keys: tuple[str, ...] = tuple(self.KEYS) + extra
-        self._reference_memo: tuple[Tensor, int, str] | None = None
+        self.layer = FEATURE_EXTRACTORS_REGISTRY[self.space.extractor].get_default_feature_layer_for_metric(self.FLAG)
+        # batch size is part of the identity: features are bit-exact only for equal batches
+        self.feature_key = f"{self.space.extractor}:{self.space.cache_tag}:b{cfg.batch_size}"
+        self._reference_memo: tuple[Tensor, int, dict[str, Tensor]] | None = None
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> dict[str, Tensor]:
+        """uint8 N×C×H×W -> {layer: float N×D on the CPU} for every layer the extractor
+        provides, in batches of ``cfg.batch_size`` taken in order (so batch-aligned
+        shards concatenate to exactly the whole)."""
+        images = check_images("images", images)
+        net = _extractor(self.space.extractor, str(self.space.weights_path), str(self.ctx.device))
+        parts: dict[str, list[Tensor]] = {}
+        for i in range(0, len(images), self.cfg.batch_size):
+            x = images[i:i + self.cfg.batch_size].to(self.ctx.device)
+            feats = net.convert_features_tuple_to_dict(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x))
+            for k, v in feats.items():
+                parts.setdefault(k, []).append(v.cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor] | None) -> dict[str, float]:
+        """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""
+        n_ref = len(reference_features[self.layer]) if self.NEEDS_REFERENCE else 0
+        # One BLAS thread for the numpy statistics (covariances, FID's eigvals): the
+        # result no longer depends on the core count, and OpenBLAS threads competing
+        # with torch's on a busy CPU made a 128-dim FID take 1.7 s instead of 5 ms.
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            raw = self._score(sample_features, reference_features, len(sample_features[self.layer]), n_ref)
+        out = {public: float(raw[key]) for public, key in self.KEYS.items()}
+        if self.space.accuracy is not None:
+            out[self.accuracy_key] = float(self.space.accuracy)
+        return out
 
     def compute(self, samples: Tensor, reference: Tensor | None = None) -> dict[str, float]:
         """uint8 N×C×H×W samples and reference -> {public key: float}."""
         samples = check_images("samples", samples)
-        kwargs = self._base_kwargs(samples)
-        n_ref = 0
+        ref_features = None
         if self.NEEDS_REFERENCE:
             reference = check_images("reference", reference)
             if reference.shape[-2:] != samples.shape[-2:]:
@@ -136,50 +178,34 @@ class FidelityMetric:
                     f"samples are {tuple(samples.shape[-2:])} but the reference is {tuple(reference.shape[-2:])}; "
                     "score images at one resolution"
                 )
-            n_ref = len(reference)
-            kwargs.update(input2=UInt8Images(reference), input2_cache_name=self._reference_cache_name(reference))
-        kwargs.update(self._options(len(samples), n_ref))
-        device = self.ctx.device
-        scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        # One BLAS thread for torch-fidelity's numpy statistics (covariances, FID's
-        # eigvals): the result no longer depends on the core count, and OpenBLAS threads
-        # competing with torch's on a busy CPU made a 128-dim FID take 1.7 s instead of 5 ms.
-        with scope, threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-            raw = torch_fidelity.calculate_metrics(**kwargs)
-        out = {public: float(raw[key]) for public, key in self.KEYS.items()}
-        if self.space.accuracy is not None:
-            out[self.accuracy_key] = float(self.space.accuracy)
-        return out
+            ref_features = self.reference_features(reference)
+        return self.score(self.extract(samples), ref_features)
 
-    def _base_kwargs(self, samples: Tensor) -> dict[str, Any]:
-        return {
-            "input1": UInt8Images(samples),
-            "input1_cache_name": None,
-            self.FLAG: True,
-            "feature_extractor": self.space.extractor,
-            "feature_extractor_weights_path": str(self.space.weights_path),
-            "cuda": self.ctx.device.type == "cuda",
-            "batch_size": self.cfg.batch_size,
-            "cache_root": str(Path(self.ctx.cache_dir) / "torch-fidelity"),
-            "cache": True,
-            # in-memory tensors: DataLoader workers would only add start-up cost
-            "save_cpu_ram": True,
-            "verbose": False,
-        }
-
-    def _reference_cache_name(self, reference: Tensor) -> str:
-        # the same reference object is scored against many sample sets: hash it once
-        # (an in-place change bumps the tensor's version and forces a new hash)
+    def reference_features(self, reference: Tensor, extract: Callable[[Tensor], dict[str, Tensor]] | None = None
+                           ) -> dict[str, Tensor]:
+        """:meth:`extract` of the reference, cached in memory (same tensor, same version)
+        and on disk under ``<cache_dir>/features/`` by content, dataset and feature space.
+        ``extract`` replaces :meth:`extract` on a miss (a sharded extraction)."""
         memo = self._reference_memo
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
         dataset = domain_classifier.slug(self.ctx.dataset_key)
-        name = f"spheregen-ref-{dataset}-{content_digest(reference)}-{self.space.cache_tag}"
-        self._reference_memo = (reference, reference._version, name)
-        return name
+        name = f"spheregen-ref-{dataset}-{content_digest(reference)}-{self.space.cache_tag}-b{self.cfg.batch_size}"
+        path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
+        if path.is_file():
+            features = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            features = (extract or self.extract)(reference)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(features, tmp)
+            os.replace(tmp, path)
+        self._reference_memo = (reference, reference._version, features)
+        return features
 
-    def _options(self, n_samples: int, n_reference: int) -> dict[str, Any]:
-        return {}
+    def _score(self, samples: dict[str, Tensor], reference: dict[str, Tensor] | None, n_samples: int,
+               n_reference: int) -> dict[str, float]:
+        raise NotImplementedError
 
 
 class FID(FidelityMetric):
@@ -189,9 +215,10 @@ class FID(FidelityMetric):
     KEYS = {"fid": "frechet_inception_distance"}
     PREFIX = "fid"
 
-    def _options(self, n_samples: int, n_reference: int) -> dict[str, Any]:
+    def _score(self, samples, reference, n_samples, n_reference):
         _at_least("FID", 2, n_samples, n_reference)
-        return {}
+        stats = [fid_featuresdict_to_statistics(f, self.layer) for f in (samples, reference)]
+        return fid_statistics_to_metric(*stats, verbose=False)
 
 
 class KID(FidelityMetric):
@@ -205,13 +232,11 @@ class KID(FidelityMetric):
         """min(configured size, n_samples, n_reference): see :class:`KidConfig`."""
         return min(self.cfg.subset_size, n_samples, n_reference)
 
-    def _options(self, n_samples: int, n_reference: int) -> dict[str, Any]:
+    def _score(self, samples, reference, n_samples, n_reference):
         _at_least("KID", 2, n_samples, n_reference)
-        return {
-            "kid_subsets": self.cfg.subsets,
-            "kid_subset_size": self.subset_size(n_samples, n_reference),
-            "rng_seed": self.cfg.seed,
-        }
+        return kid_featuresdict_to_metric(samples, reference, self.layer, kid_subsets=self.cfg.subsets,
+                                          kid_subset_size=self.subset_size(n_samples, n_reference),
+                                          rng_seed=self.cfg.seed, verbose=False)
 
 
 class InceptionScore(FidelityMetric):
@@ -222,9 +247,10 @@ class InceptionScore(FidelityMetric):
     PREFIX = "is"
     NEEDS_REFERENCE = False
 
-    def _options(self, n_samples: int, n_reference: int) -> dict[str, Any]:
+    def _score(self, samples, reference, n_samples, n_reference):
         _at_least("Inception Score", 2, n_samples)
-        return {"isc_splits": min(self.cfg.splits, n_samples), "samples_shuffle": True, "rng_seed": self.cfg.seed}
+        return isc_featuresdict_to_metric(samples, self.layer, isc_splits=min(self.cfg.splits, n_samples),
+                                          samples_shuffle=True, rng_seed=self.cfg.seed, verbose=False)
 
 
 class PrecisionRecall(FidelityMetric):
@@ -234,9 +260,10 @@ class PrecisionRecall(FidelityMetric):
     KEYS = {"precision": "precision", "recall": "recall"}
     PREFIX = "prc"
 
-    def _options(self, n_samples: int, n_reference: int) -> dict[str, Any]:
+    def _score(self, samples, reference, n_samples, n_reference):
         _at_least("precision/recall", self.cfg.neighborhood + 1, n_samples, n_reference)
-        return {"prc_neighborhood": self.cfg.neighborhood}
+        return prc_featuresdict_to_metric(samples, reference, self.layer, prc_neighborhood=self.cfg.neighborhood,
+                                          save_cpu_ram=True, verbose=False)
 
 
 def _at_least(metric: str, minimum: int, *counts: int) -> None:

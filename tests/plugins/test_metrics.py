@@ -141,28 +141,36 @@ def test_unlabelled_data_is_refused(digits, tmp_path):
         FID(FidConfig(**DC), make_ctx(digits, tmp_path, num_classes=0))
 
 
-def test_extractor_loads_from_file_in_a_fresh_process(fid, ctx, digits, tmp_path):
-    samples = digits[2][:60]
-    torch.save(samples, tmp_path / "samples.pt")
-    in_process = InceptionScore(InceptionScoreConfig(**DC), ctx).compute(samples)
+def test_matches_torch_fidelity_calculate_metrics_in_a_fresh_process(fid, ctx, digits, tmp_path):
+    """Our batch-wise extraction + torch-fidelity's scoring functions give the numbers of
+    torch_fidelity.calculate_metrics itself, with the extractor loaded from its file."""
+    samples, reference = digits[2][:60], digits[0][:150]
+    torch.save((samples, reference), tmp_path / "sets.pt")
+    in_process = {**InceptionScore(InceptionScoreConfig(**DC), ctx).compute(samples), **fid.compute(samples, reference)}
     script = textwrap.dedent(
         f"""
         import torch, torch_fidelity
+        from torch.utils.data import Dataset
         from spheregen_plugins.metrics import domain_classifier as dc
-        from spheregen_plugins.metrics.fidelity import UInt8Images
+        class Images(Dataset):
+            def __init__(self, x): self.x = x
+            def __len__(self): return len(self.x)
+            def __getitem__(self, i): return self.x[i].expand(3, -1, -1)
         torch.set_num_threads(1)
         dc.register_with_torch_fidelity()
-        x = torch.load({str(tmp_path / "samples.pt")!r})
+        x, ref = torch.load({str(tmp_path / "sets.pt")!r})
         r = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(x), isc=True, isc_splits=10, feature_extractor=dc.EXTRACTOR,
-            feature_extractor_weights_path={str(fid.space.weights_path)!r},
+            input1=Images(x), input2=Images(ref), isc=True, fid=True, isc_splits=10, feature_extractor=dc.EXTRACTOR,
+            feature_extractor_weights_path={str(fid.space.weights_path)!r}, batch_size={DC.get("batch_size", 64)},
             cuda=False, verbose=False, save_cpu_ram=True, cache=False)
-        print(repr(r["inception_score_mean"]))
+        print(repr(r["inception_score_mean"]), repr(r["frechet_inception_distance"]))
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(in_process["is"], rel=1e-6)
+    is_mean, fid_value = map(float, out.stdout.strip().splitlines()[-1].split())
+    assert is_mean == pytest.approx(in_process["is"], rel=1e-6)
+    assert fid_value == pytest.approx(in_process["fid"], rel=1e-6)
     assert in_process["is"] > 3  # a 10-class classifier on real digits is confident and diverse
 
 
@@ -189,18 +197,30 @@ def test_scores_are_deterministic_and_reference_features_cached(fid, digits, mon
 
     monkeypatch.setattr(domain_classifier.DomainClassifierExtractor, "forward", counting)
     assert fid.compute(samples, reference) == first
-    assert sum(seen) == len(samples)  # the reference came from torch-fidelity's cache
-    cached = [p.name for p in (Path(fid.ctx.cache_dir) / "torch-fidelity").iterdir()]
+    assert sum(seen) == len(samples)  # the reference's features came from the cache
+    cached = [p.name for p in (Path(fid.ctx.cache_dir) / "features").iterdir()]
     assert any(name.startswith("spheregen-ref-sklearn-digits-16px-") for name in cached)
 
 
 def test_reference_changed_in_place_is_rehashed(ctx, digits):
     fid = FID(FidConfig(**DC), ctx)
     reference = digits[0][:200].clone()
-    name = fid._reference_cache_name(reference)
-    assert fid._reference_cache_name(reference) == name
+    features = fid.reference_features(reference)
+    assert fid.reference_features(reference) is features
     reference[0] = 255 - reference[0]
-    assert fid._reference_cache_name(reference) != name
+    changed = fid.reference_features(reference)
+    assert not torch.equal(changed[fid.layer][0], features[fid.layer][0])
+    assert torch.equal(changed[fid.layer][1:], features[fid.layer][1:])
+
+
+def test_batch_aligned_shards_extract_exactly_the_whole(fid, digits):
+    images = digits[0][:400]
+    b = fid.cfg.batch_size
+    assert len(images) > b
+    whole = fid.extract(images)
+    halves = [fid.extract(images[:b]), fid.extract(images[b:])]
+    for layer, value in whole.items():
+        assert torch.equal(torch.cat([h[layer] for h in halves]), value)
 
 
 def test_grayscale_is_replicated_to_rgb(fid, digits):
