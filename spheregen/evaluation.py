@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from spheregen import distributed, flops
 from spheregen.config import Component, config_hash, to_dict
-from spheregen.data import balanced_labels, to_uint8
+from spheregen.data import balanced_labels, to_float, to_uint8
 from spheregen.errors import SpheregenError
 from spheregen.experiment import MethodEntry
 from spheregen.paths import atomic_write, atomic_write_json
@@ -179,9 +179,52 @@ def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, step
     }
 
 
+def tokenizer_identity(ws: Workspace, entry: MethodEntry, method: Any) -> tuple[str, str] | None:
+    """(label, config hash) of the tokenizer behind ``method.reconstruct``, or None when
+    there is nothing to report (no ``reconstruct``, or a lossless tokenizer such as
+    ``patch``). Methods sharing a tokenizer config share one identity; a method that is
+    its own autoencoder (the Sphere Encoder) is identified by its entry."""
+    if not hasattr(method, "reconstruct") or getattr(getattr(method, "tokenizer", None), "lossless", False):
+        return None
+    component = getattr(entry.method.config, "tokenizer", None)
+    if isinstance(component, Component):
+        return component.name, config_hash(component)
+    return f"{entry.name} (own autoencoder)", config_hash(entry.method)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of 10·log10(255² / MSE) for uint8 N×C×H×W (inf if all exact)."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
+
+
+def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: list[tuple[str, Any]],
+                       device: torch.device) -> dict[str, Any] | None:
+    """rFID (the experiment's FID metrics, same features as gFID) and PSNR of the
+    method's tokenizer on the held-out test split: FID(reconstructions, originals)."""
+    identity = tokenizer_identity(ws, entry, method)
+    if identity is None:
+        return None
+    test = ws.data.test
+    b = ws.exp.eval.batch_size
+
+    def one(i: int) -> torch.Tensor:
+        x = to_float(test.images[i * b:(i + 1) * b]).to(device)
+        return to_uint8(method.reconstruct(x, test.labels[i * b:(i + 1) * b].to(device))).cpu()
+
+    recon = torch.cat(distributed.map_batches(-(-len(test.images) // b), one))
+    fids = [(n, m) for n, m in metrics if "fid" in m.keys]
+    scores = score_all(fids, recon, test.images) if fids else {}
+    return {
+        "tokenizer": identity[0], "config_hash": identity[1], "methods": entry.name,
+        "rfid": scores.get("fid"), "psnr": psnr(recon, test.images), "num_images": len(recon),
+        "features": scores.get("fid_features"),
+    }
+
+
 def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, Any]], reference: torch.Tensor,
-                   device: torch.device) -> list[dict[str, Any]]:
-    method = load_trained(ws, entry, ws.exp.eval.use_ema, device)
+                   device: torch.device, method: Any = None) -> list[dict[str, Any]]:
+    method = method if method is not None else load_trained(ws, entry, ws.exp.eval.use_ema, device)
     sampler = ws.build_sampler(entry, method)
     params = flops.count_params(method)
     base = {
@@ -213,17 +256,40 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
     return rows
 
 
-def write_results(ws: Workspace, rows: list[dict[str, Any]]) -> Path:
-    """Write the rows; rows of methods not re-evaluated now are kept from the old file."""
+def _merge(path: Path, frame: pl.DataFrame, key: str, keep: list[str]) -> pl.DataFrame:
+    """``frame`` plus the rows of the file at ``path`` whose ``key`` is not in ``frame``
+    and is in ``keep`` (results of methods not re-evaluated now survive)."""
+    if not path.is_file():
+        return frame
+    old = pl.read_parquet(path)
+    old = old.filter(~pl.col(key).is_in(frame[key].unique().to_list()) & pl.col(key).is_in(keep))
+    return pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
+
+
+def _tokenizer_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """One row per tokenizer identity (config hash); ``methods`` lists its users."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        seen = merged.setdefault(row["config_hash"], dict(row))
+        if row["methods"] not in seen["methods"].split(", "):
+            seen["methods"] += f", {row['methods']}"
+    return pl.from_dicts(list(merged.values()), infer_schema_length=None)
+
+
+def write_results(ws: Workspace, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = ()) -> Path:
+    """Write results.parquet (and tokenizers.parquet when there are reconstruction rows);
+    rows of methods not re-evaluated now are kept from the old files."""
     report = ws.paths.report
-    frame = pl.from_dicts(rows, infer_schema_length=None)
     path = report / "results.parquet"
-    if path.is_file():
-        old = pl.read_parquet(path).filter(~pl.col("method").is_in(frame["method"].unique().to_list()))
-        old = old.filter(pl.col("method").is_in([m.name for m in ws.exp.methods]))
-        if len(old):
-            frame = pl.concat([old, frame], how="diagonal_relaxed")
+    frame = _merge(path, pl.from_dicts(rows, infer_schema_length=None), "method", [m.name for m in ws.exp.methods])
     atomic_write(path, lambda p: frame.write_parquet(p))
+    if tokenizer_rows:
+        tok_path = report / "tokenizers.parquet"
+        tokens = _tokenizer_frame(list(tokenizer_rows))
+        if tok_path.is_file():
+            old = pl.read_parquet(tok_path).filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
+            tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
+        atomic_write(tok_path, lambda p: tokens.write_parquet(p))
     atomic_write_json(report / "config.resolved.json", {
         "experiment": to_dict(ws.exp),
         "spheregen": importlib.metadata.version("spheregen"),
@@ -239,12 +305,17 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
     with distributed.state().main_process_first():  # one process trains/caches the feature network
         metrics = ws.build_metrics(device)
     reference = ws.reference_images()
-    rows = []
+    rows, tokenizer_rows = [], []
     for entry in ws.exp.methods:
         if names and entry.name not in names:
             continue
-        rows.extend(evaluate_entry(ws, entry, metrics, reference, device))
-    path = write_results(ws, rows) if distributed.is_main() else ws.paths.report / "results.parquet"
+        method = load_trained(ws, entry, ws.exp.eval.use_ema, device)
+        rows.extend(evaluate_entry(ws, entry, metrics, reference, device, method))
+        tokenizer_rows.append(reconstruction_row(ws, entry, method, metrics, device))
+    tokenizer_rows = [r for r in tokenizer_rows if r is not None]
+    path = ws.paths.report / "results.parquet"
+    if distributed.is_main():
+        write_results(ws, rows, tokenizer_rows)
     distributed.barrier()
     return path
 

@@ -130,6 +130,11 @@ class LatentMethod(nn.Module):
         """B×latent_shape -> B×C×H×W (not clamped)."""
         return self.tokenizer.decode(latents)
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The tokenizer's round trip decode(encode(x)), B×C×H×W in [-1, 1] (rFID/PSNR)."""
+        return self.decode(self.encode(images)).clamp(-1, 1)
+
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr_scale": 1.0}]
 

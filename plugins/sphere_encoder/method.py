@@ -150,6 +150,14 @@ class SphereEncoder(nn.Module):
     edit_ops = ("reconstruct", "interpolate", "manipulate")
 
     @torch.no_grad()
+    def reconstruct(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """D(f(E(x))) under the null class, B×C×H×W in [-1, 1]: the encoder-decoder as
+        a tokenizer (rFID/PSNR in the report)."""
+        from spheregen_plugins.sphere_encoder import editing
+
+        return editing.reconstruct(self, images).clamp(-1, 1)
+
+    @torch.no_grad()
     def edit(self, op: str, images: Tensor, labels: Tensor | None = None, num: int = 8,
              mode: str = "slerp") -> Tensor:
         """The paper's edits as image grids B×K×C×H×W (row b: one input image).

@@ -27,6 +27,7 @@ class PatchTokenizer(nn.Module):
     with its method and appears in module summaries."""
 
     trainable = False
+    lossless = True  # a reshape: its reconstruction is exact, so no rFID/PSNR is reported
 
     def __init__(self, *, channels: int, image_size: int, patch_size: int = 1):
         super().__init__()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,32 @@ def test_measure_throughput():
     assert result.images_per_s == pytest.approx(8 / result.latency_s)
     with pytest.raises(ValueError):
         measure_throughput(lambda: None, batch=0)
+
+
+def test_peak_memory_counts_weights_and_live_activations():
+    from spheregen.flops import measure_peak_memory
+
+    net = torch.nn.Sequential(torch.nn.Linear(100, 400), torch.nn.ReLU(), torch.nn.Linear(400, 100))
+    x = torch.randn(64, 100)
+    weights = sum(p.numel() * 4 for p in net.parameters())
+    # peak inside the second call: weights, x, one 64×400 hidden kept alive by ReLU's
+    # input, the 64×100 output of the first call
+    one = measure_peak_memory(lambda: net(x), net)
+    two = measure_peak_memory(lambda: net(net(x)), net)
+    assert weights + 64 * 400 * 4 <= one <= weights + 3 * 64 * 400 * 4
+    assert two >= one  # freed activations are not accumulated: two calls cost little more
+    assert two < one + 2 * 64 * 400 * 4
+    with torch.device("meta"):
+        meta_net = torch.nn.Sequential(torch.nn.Linear(100, 400), torch.nn.ReLU(), torch.nn.Linear(400, 100))
+        xm = torch.randn(64, 100)
+    # meta tensors have storages of the same byte size: paper-scale peaks need no memory
+    assert measure_peak_memory(lambda: meta_net(xm), meta_net, "meta") == one
+
+
+def test_psnr():
+    from spheregen.evaluation import psnr
+
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[:, :, 0, 0] = 16  # MSE = 16 per image
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / 16))

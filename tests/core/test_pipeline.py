@@ -18,7 +18,16 @@ def test_run_writes_report(toy_registries, tiny_experiment, tmp_path, capsys):
     for col in ("nfe", "gflops_per_image", "gflops_paper", "images_per_s", "params", "config_hash"):
         assert df[col].null_count() == 0, col
     assert (df["gflops_per_image"][1] > df["gflops_per_image"][0])
-    assert (report / "results.md").read_text().count("| toy |") == 2
+    assert (report / "results.md").read_text().count("| toy | toy-loop |") == 2
+    for col in ("latency_b1_s", "peak_memory_mb", "plugin_versions", "spheregen_version"):
+        assert df[col].null_count() == 0, col
+    versions = json.loads(df["plugin_versions"][0])
+    assert versions["dataset:digits"].startswith("spheregen==") and versions["method:toy-ae"] == "in-process==-"
+    # the toy method is its own autoencoder: one reconstruction row on the 10% held-out digits
+    tok = pl.read_parquet(report / "tokenizers.parquet")
+    assert tok["tokenizer"].to_list() == ["toy (own autoencoder)"] and tok["methods"].to_list() == ["toy"]
+    assert tok["num_images"][0] > 100 and 0 < tok["psnr"][0] < 60
+    assert "Tokenizers: reconstruction" in (report / "results.md").read_text()
     assert (report / "grid_toy_steps1.png").is_file() and (report / "grid_toy_steps2.png").is_file()
     resolved = json.loads((report / "config.resolved.json").read_text())
     assert resolved["experiment"]["methods"][0]["method"]["name"] == "toy-ae"
