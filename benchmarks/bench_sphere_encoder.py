@@ -229,6 +229,33 @@ def _category(op: str) -> str:
     return "elementwise / norms / other"
 
 
+def compiled_rows(method, samplers, b, peak, repeats, budget, min_reps, sampler, guidance) -> list[dict[str, Any]]:
+    """The sampling rows again with the encoder and decoder compiled by inductor: its
+    C++ kernels fuse the elementwise chains (AdaLN modulation, SwiGLU, RoPE, norms) that
+    eager runs as separate passes, and ``freezing`` folds the weights into constants so
+    linears run as MKL packed GEMMs. Run last: frozen weights must not change after."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    method.eval()
+    method.encoder.compile(dynamic=False)
+    method.decoder.compile(dynamic=False)
+    rows = []
+    for steps, g in ((1, 1.0), (4, 1.0), (1, guidance), (4, guidance)):
+        start = time.perf_counter()
+        samplers[(steps, g)]()  # compiles for this batch shape (and the null-class branch)
+        compile_s = time.perf_counter() - start
+        per_image = count_sampling_flops(sampler, method, steps, g).total
+        cfg = f" cfg {g:g}" if g > 1 else ""
+        row = measure(f"sample T={steps}{cfg} compiled", samplers[(steps, g)], per_image * b, b, peak, repeats,
+                      budget, min_reps())
+        row.update(kind="sample-compiled", steps=steps, guidance=g, flops_per_unit=per_image,
+                   nfe=sampler.nfe(steps, g), first_call_s=compile_s)
+        rows.append(row)
+        print(f"  {row['name']:<28} {row['units_per_s']:8.1f} img/s", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 repeats per workload, short budget")
@@ -239,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-train", action="store_true", help="sampling only")
     ap.add_argument("--omp-as-is", action="store_true",
                     help="keep libgomp's default wait policy even on an oversubscribed machine")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time sampling with encoder and decoder compiled by torch.compile (inductor, "
+                         "weights frozen as constants; about 20 s of compilation per shape)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the per-op self-CPU-time breakdown of one T=4 CFG sampling call")
     args = ap.parse_args(argv)
@@ -316,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['name']:<20} {row['units_per_s']:8.2f} steps/s", file=sys.stderr, flush=True)
         method.eval()
 
+    if args.compile:
+        rows += compiled_rows(method, samplers, b, peak, repeats, budget, min_reps, sampler, args.guidance)
+
     breakdown = None
     if args.profile:
         ops, categories = op_breakdown(samplers[(4, args.guidance)])
@@ -347,14 +380,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{others:g} other runnable task(s) at start")
     print(f"matmul peak ({PEAK_N}² fp32 mm, {threads} thread(s)): median {peak_all:.1f} GFLOP/s "
           f"(min {meta['peak_gflops_min']:.1f}, max {meta['peak_gflops_max']:.1f}, n = {len(peak.samples)})")
-    header = (f"{'workload':<20} {'NFE':>4} {'rate':>14} {'GFLOP/unit':>11} {'GFLOP/s':>8} "
+    header = (f"{'workload':<28} {'NFE':>4} {'rate':>14} {'GFLOP/unit':>11} {'GFLOP/s':>8} "
               f"{'peak':>6} {'of peak':>8} {'n':>3}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        unit = "img/s" if r["kind"] == "sample" else "steps/s"
+        unit = "img/s" if r["kind"].startswith("sample") else "steps/s"
         nfe = "" if r["nfe"] is None else str(r["nfe"])
-        print(f"{r['name']:<20} {nfe:>4} {r['units_per_s']:8.2f} {unit:<5} {r['flops_per_unit'] / 1e9:11.4f} "
+        print(f"{r['name']:<28} {nfe:>4} {r['units_per_s']:8.2f} {unit:<5} {r['flops_per_unit'] / 1e9:11.4f} "
               f"{r['achieved_gflops']:8.1f} {r['peak_gflops']:6.1f} {100 * r['fraction_of_peak']:7.1f}% "
               f"{r['repeats']:>3}")
     print("GFLOP/unit: true FLOPs (FlopCounterMode, attention included) per image (sampling) or per training "
