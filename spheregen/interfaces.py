@@ -98,6 +98,10 @@ class Method(Protocol):
     scalar loss plus float logs. ``param_groups`` lets a method scale learning rates per
     group (the Sphere Encoder's encoder at 0.1×): a list of
     ``{"params": [...], "lr_scale": float}``. ``default_sampler`` names a sampler plugin.
+
+    Optional: ``reconstruct(images, labels=None)`` -> B×C×H×W in [-1, 1], the round trip
+    through the method's tokenizer (or its own encoder-decoder); evaluation then reports
+    rFID and PSNR for it, unless the method's ``tokenizer`` says ``lossless = True``.
     """
 
     default_sampler: str
@@ -158,6 +162,13 @@ class Metric(Protocol):
     ``compute(samples, reference)``: uint8 N×C×H×W each -> ``{key: float}`` with stable
     public keys listed in ``keys`` (e.g. ``fid``, ``kid``). ``features`` names the feature
     space used (``inception``, ``domain-classifier``), or None when no features are used.
+
+    Optional, for sharded evaluation: ``extract(images) -> {name: N×D features}`` computed
+    batch by batch in order (batch-aligned shards concatenate to the whole),
+    ``score(sample_features, reference_features) -> {key: float}``,
+    ``reference_features(reference, extract=None)`` (cached) and ``feature_key`` (metrics
+    with equal keys produce identical features, so evaluation extracts once for all of
+    them). A metric without them is computed whole by ``compute`` on the main process.
     """
 
     keys: tuple[str, ...]
