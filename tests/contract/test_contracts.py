@@ -8,7 +8,6 @@ import attrs
 import pytest
 import torch
 
-from spheregen.config import Component
 from spheregen.interfaces import BuildContext, DataSpec, MetricContext
 from spheregen.plugins import registries
 from spheregen.registry import KINDS

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metric_data import digits_16px, make_ctx
 from spheregen.errors import ConfigError, WeightsError
-from spheregen.interfaces import DataSpec, Metric, MetricContext
+from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import cmmd
 from spheregen_plugins.metrics.cmmd import CMMD, mmd2
 from spheregen_plugins.metrics.config import CLIP_MODELS, ClassifierConfig, CmmdConfig
@@ -24,40 +25,17 @@ CLASSIFIER = ClassifierConfig(width=16, epochs=3, batch_size=64)
 DC = {"embedding": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 50}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small convolutions on a shared 2-core CPU: a second thread only adds waits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255 / 16)
-    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    y = torch.from_numpy(d.target).long()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[perm[180:]], y[perm[180:]], x[perm[:180]], y[perm[:180]]
+    return digits_16px()
 
 
 @pytest.fixture(scope="module")
 def ctx(digits, tmp_path_factory):
-    xtr, ytr, xte, yte = digits
-    return MetricContext(
-        data=DataSpec(image_size=16, channels=1, num_classes=10),
-        train_images=xtr,
-        train_labels=ytr,
-        test_images=xte,
-        test_labels=yte,
-        cache_dir=str(tmp_path_factory.mktemp("cmmd-cache")),
-        device=torch.device("cpu"),
-        dataset_key="sklearn-digits-16px",
-    )
+    return make_ctx(digits, tmp_path_factory.mktemp("cmmd-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metric_data import digits_16px, make_ctx
 from spheregen.errors import ConfigError, WeightsError
-from spheregen.interfaces import DataSpec, Metric, MetricContext
+from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import (
     ClassifierConfig,
@@ -32,40 +33,12 @@ CLASSIFIER = ClassifierConfig(width=16, epochs=3, batch_size=64)
 DC = {"features": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 256}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions on a shared 2-core CPU: a second intra-op thread only adds
-    # barrier waits (measured 15x slower under load)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255 / 16)
-    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    y = torch.from_numpy(d.target).long()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[perm[180:]], y[perm[180:]], x[perm[:180]], y[perm[:180]]
-
-
-def make_ctx(digits, cache_dir, num_classes=10) -> MetricContext:
-    xtr, ytr, xte, yte = digits
-    return MetricContext(
-        data=DataSpec(image_size=16, channels=1, num_classes=num_classes),
-        train_images=xtr,
-        train_labels=ytr,
-        test_images=xte,
-        test_labels=yte,
-        cache_dir=str(cache_dir),
-        device=torch.device("cpu"),
-        dataset_key="sklearn-digits-16px",
-    )
+    return digits_16px()
 
 
 @pytest.fixture(scope="module")
