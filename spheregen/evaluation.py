@@ -97,29 +97,37 @@ def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progre
 def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """``metric.extract(images)`` with its batches shared out over the processes."""
     b = metric.cfg.batch_size
+    if len(images) == 0:
+        return metric.extract(images)
     parts = distributed.map_batches(-(-len(images) // b), lambda i: metric.extract(images[i * b:(i + 1) * b]))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-    """Every metric on one uint8 sample set. Metrics of one feature space (equal
-    ``feature_key``) share one extraction of the samples, sharded over the processes;
-    a metric without ``extract`` scores by ``compute`` on the main process. Every
-    process returns the same dict."""
-    out: dict[str, Any] = {}
+    """Every metric on one uint8 sample set -> {key: value} on the main process, {} on
+    the others.
+
+    Metrics of one feature space (equal ``feature_key``) share one extraction of the
+    samples, sharded over the processes (every process takes part, so the collectives
+    match). The reference's features are the metric's own cached ones, taken on the
+    main process only: they are extracted once per dataset and feature space, and a
+    cache hit that differed between processes could never desynchronise a collective.
+    A metric without ``extract`` scores by ``compute`` on the main process."""
     groups: dict[str, list[Any]] = {}
+    whole = []
     for _, metric in metrics:
         key = getattr(metric, "feature_key", None)
-        if key is None or not hasattr(metric, "extract"):
-            out.update(metric.compute(samples, reference) if distributed.is_main() else {})
-        else:
-            groups.setdefault(key, []).append(metric)
-    for group in groups.values():
-        first = group[0]
-        features = sharded_extract(first, samples)
-        ref = first.reference_features(reference, extract=lambda x: sharded_extract(first, x))
+        (groups.setdefault(key, []) if key is not None and hasattr(metric, "extract") else whole).append(metric)
+    features = {key: sharded_extract(group[0], samples) for key, group in groups.items()}
+    if not distributed.is_main():
+        return {}
+    out: dict[str, Any] = {}
+    for metric in whole:
+        out.update(metric.compute(samples, reference))
+    for key, group in groups.items():
+        ref = group[0].reference_features(reference)
         for metric in group:
-            out.update(metric.score(features, ref))
+            out.update(metric.score(features[key], ref))
     for _, metric in metrics:
         for key in ("fid", "cmmd"):
             if key in metric.keys:

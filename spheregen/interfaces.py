@@ -166,7 +166,7 @@ class Metric(Protocol):
     Optional, for sharded evaluation: ``extract(images) -> {name: N×D features}`` computed
     batch by batch in order (batch-aligned shards concatenate to the whole),
     ``score(sample_features, reference_features) -> {key: float}``,
-    ``reference_features(reference, extract=None)`` (cached) and ``feature_key`` (metrics
+    ``reference_features(reference)`` (cached) and ``feature_key`` (metrics
     with equal keys produce identical features, so evaluation extracts once for all of
     them). A metric without them is computed whole by ``compute`` on the main process.
     """

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,15 +217,13 @@ class CMMD:
             )
         return self.score(self.extract(samples), self.reference_features(reference))
 
-    def reference_features(self, reference: Tensor, extract: Callable[[Tensor], dict[str, Tensor]] | None = None
-                           ) -> dict[str, Tensor]:
+    def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
         """:meth:`extract` of the reference, kept for the next call with the same tensor
-        (an in-place change bumps its version and forces a new extraction); ``extract``
-        replaces :meth:`extract` on a miss (a sharded extraction)."""
+        (an in-place change bumps its version and forces a new extraction)."""
         memo = self._reference_memo
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
-        features = (extract or self.extract)(reference)
+        features = self.extract(reference)
         self._reference_memo = (reference, reference._version, features)
         return features
 

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import threadpoolctl
@@ -181,11 +181,9 @@ class FidelityMetric:
             ref_features = self.reference_features(reference)
         return self.score(self.extract(samples), ref_features)
 
-    def reference_features(self, reference: Tensor, extract: Callable[[Tensor], dict[str, Tensor]] | None = None
-                           ) -> dict[str, Tensor]:
+    def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
         """:meth:`extract` of the reference, cached in memory (same tensor, same version)
-        and on disk under ``<cache_dir>/features/`` by content, dataset and feature space.
-        ``extract`` replaces :meth:`extract` on a miss (a sharded extraction)."""
+        and on disk under ``<cache_dir>/features/`` by content, dataset and feature space."""
         memo = self._reference_memo
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
@@ -195,7 +193,7 @@ class FidelityMetric:
         if path.is_file():
             features = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            features = (extract or self.extract)(reference)
+            features = self.extract(reference)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             torch.save(features, tmp)
