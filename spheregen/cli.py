@@ -26,7 +26,11 @@ def _workspace(args: argparse.Namespace) -> Workspace:
         # stalls that can slow small models by an order of magnitude
         torch.set_num_threads(args.threads)
     exp = load_experiment(args.experiment)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the accelerate state first: under a multi-GPU launch it gives each process its own
+    # GPU (cuda:<local rank>), which every model and metric is then built on
+    from spheregen import distributed
+
+    device = torch.device(args.device) if args.device else distributed.state().device
     return Workspace(exp, args.runs_dir, args.reports_dir, device)
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 from PIL import Image
@@ -135,7 +136,9 @@ class Data:
 
     @property
     def key(self) -> str:
-        return f"{self.source.key}-{config_hash(self.cfg)}"
+        # num_classes is a declaration checked against the source, not a preprocessing
+        # option: declaring it must not invalidate caches keyed by the data
+        return f"{self.source.key}-{config_hash(attrs.evolve(self.cfg, num_classes=None))}"
 
     @property
     def spec(self) -> DataSpec:

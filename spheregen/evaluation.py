@@ -39,10 +39,10 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def generate(sampler: Any, method: Any, labels: torch.Tensor, steps: int, guidance: float, seed: int,
-             batch: int, device: torch.device, desc: str = "") -> torch.Tensor:
+             batch: int, device: torch.device, desc: str = "") -> torch.Tensor | None:
     """uint8 N×C×H×W samples for ``labels`` (N) on the CPU, in batches of ``batch``
-    seeded by :func:`batch_seed`, spread over the accelerate processes and gathered
-    (every process returns all N)."""
+    seeded by :func:`batch_seed`, spread over the accelerate processes and gathered on
+    the main process (the others return None)."""
     n_batches = -(-len(labels) // batch)
     bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not desc or not distributed.is_main())
 
@@ -55,7 +55,8 @@ def generate(sampler: Any, method: Any, labels: torch.Tensor, steps: int, guidan
         return out
 
     try:
-        return torch.cat(distributed.map_batches(n_batches, one))
+        parts = distributed.map_batches(n_batches, one)
+        return torch.cat(parts) if parts is not None else None
     finally:
         bar.close()
 
@@ -94,16 +95,21 @@ def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progre
     return written
 
 
-def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``metric.extract(images)`` with its batches shared out over the processes."""
+SHARDED = ("extract", "score", "reference_features", "feature_key", "cfg")
+
+
+def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``metric.extract(images)`` with its batches (``metric.cfg.batch_size``) shared out
+    over the processes; the whole on the main process, None on the others."""
     b = metric.cfg.batch_size
-    if len(images) == 0:
-        return metric.extract(images)
+    if len(images) <= b:
+        return metric.extract(images) if distributed.is_main() else None
     parts = distributed.map_batches(-(-len(images) // b), lambda i: metric.extract(images[i * b:(i + 1) * b]))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts is not None else None
 
 
-def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor,
+              shard: bool = True) -> dict[str, Any]:
     """Every metric on one uint8 sample set -> {key: value} on the main process, {} on
     the others.
 
@@ -112,20 +118,25 @@ def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: 
     match). The reference's features are the metric's own cached ones, taken on the
     main process only: they are extracted once per dataset and feature space, and a
     cache hit that differed between processes could never desynchronise a collective.
-    A metric without ``extract`` scores by ``compute`` on the main process."""
+    A metric without ``extract`` scores by ``compute`` on the main process.
+    ``shard=False``: the main process alone extracts (``samples`` may be empty elsewhere)."""
     groups: dict[str, list[Any]] = {}
     whole = []
     for _, metric in metrics:
-        key = getattr(metric, "feature_key", None)
-        (groups.setdefault(key, []) if key is not None and hasattr(metric, "extract") else whole).append(metric)
-    features = {key: sharded_extract(group[0], samples) for key, group in groups.items()}
+        shardable = all(hasattr(metric, a) for a in SHARDED) and metric.feature_key is not None
+        (groups.setdefault(metric.feature_key, []) if shardable else whole).append(metric)
+    if shard:
+        features = {key: sharded_extract(group[0], samples) for key, group in groups.items()}
     if not distributed.is_main():
         return {}
+    if not shard:
+        features = {key: group[0].extract(samples) for key, group in groups.items()}
     out: dict[str, Any] = {}
     for metric in whole:
         out.update(metric.compute(samples, reference))
     for key, group in groups.items():
-        ref = group[0].reference_features(reference)
+        needs_ref = any(getattr(m, "NEEDS_REFERENCE", True) for m in group)
+        ref = group[0].reference_features(reference) if needs_ref else None
         for metric in group:
             out.update(metric.score(features[key], ref))
     for _, metric in metrics:
@@ -192,16 +203,19 @@ def tokenizer_identity(ws: Workspace, entry: MethodEntry, method: Any) -> tuple[
     there is nothing to report (no ``reconstruct``, or a lossless tokenizer such as
     ``patch``). Methods sharing a tokenizer config share one identity; a method that is
     its own autoencoder (the Sphere Encoder) is identified by its entry."""
-    if not hasattr(method, "reconstruct") or getattr(getattr(method, "tokenizer", None), "lossless", False):
+    tokenizer = getattr(method, "tokenizer", None)
+    if not hasattr(method, "reconstruct") or getattr(tokenizer, "lossless", False):
         return None
     component = getattr(entry.method.config, "tokenizer", None)
-    if isinstance(component, Component):
-        return component.name, config_hash(component)
-    return f"{entry.name} (own autoencoder)", config_hash(entry.method)
+    if isinstance(component, Component) and not getattr(tokenizer, "trainable", True):
+        return component.name, config_hash(component)  # frozen: the config is the identity
+    # trained with the method: the run (method and training budget) is the identity
+    return f"{entry.name} (own autoencoder)", config_hash({"method": entry.method, "train": entry.train})
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over images of 10·log10(255² / MSE) for uint8 N×C×H×W (inf if all exact)."""
+    """Mean over images of 10·log10(255² / MSE) for uint8 N×C×H×W (inf as soon as one
+    image is reproduced exactly)."""
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
     return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
 
@@ -211,18 +225,23 @@ def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: 
     """rFID (the experiment's FID metrics, same features as gFID) and PSNR of the
     method's tokenizer on the held-out test split: FID(reconstructions, originals)."""
     identity = tokenizer_identity(ws, entry, method)
-    if identity is None:
-        return None
     test = ws.data.test
+    if identity is None or len(test.images) == 0:
+        return None
     b = ws.exp.eval.batch_size
 
     def one(i: int) -> torch.Tensor:
         x = to_float(test.images[i * b:(i + 1) * b]).to(device)
         return to_uint8(method.reconstruct(x, test.labels[i * b:(i + 1) * b].to(device))).cpu()
 
-    recon = torch.cat(distributed.map_batches(-(-len(test.images) // b), one))
+    parts = distributed.map_batches(-(-len(test.images) // b), one)
+    recon = torch.cat(parts) if parts is not None else torch.zeros(0, dtype=torch.uint8)
+    if not distributed.is_main():
+        return None
+    # the main process alone holds the reconstructions: scored there, unsharded (once
+    # per tokenizer, not per step count)
     fids = [(n, m) for n, m in metrics if "fid" in m.keys]
-    scores = score_all(fids, recon, test.images) if fids else {}
+    scores = score_all(fids, recon, test.images, shard=False) if fids else {}
     return {
         "tokenizer": identity[0], "config_hash": identity[1], "methods": entry.name,
         "rfid": scores.get("fid"), "psnr": psnr(recon, test.images), "num_images": len(recon),
@@ -313,13 +332,18 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
     with distributed.state().main_process_first():  # one process trains/caches the feature network
         metrics = ws.build_metrics(device)
     reference = ws.reference_images()
+    entries = [ws.exp.method(n) for n in names] if names else list(ws.exp.methods)  # unknown name: error
     rows, tokenizer_rows = [], []
-    for entry in ws.exp.methods:
-        if names and entry.name not in names:
-            continue
+    scored: dict[Any, dict[str, Any] | None] = {}  # tokenizer identity -> its row (scored once)
+    for entry in entries:
         method = load_trained(ws, entry, ws.exp.eval.use_ema, device)
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device, method))
-        tokenizer_rows.append(reconstruction_row(ws, entry, method, metrics, device))
+        identity = tokenizer_identity(ws, entry, method)
+        if identity not in scored:
+            scored[identity] = reconstruction_row(ws, entry, method, metrics, device)
+            tokenizer_rows.append(scored[identity])
+        elif scored[identity] is not None:
+            tokenizer_rows.append({**scored[identity], "methods": entry.name})
     tokenizer_rows = [r for r in tokenizer_rows if r is not None]
     path = ws.paths.report / "results.parquet"
     if distributed.is_main():

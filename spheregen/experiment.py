@@ -81,7 +81,14 @@ class DataConfig:
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """Optimisation budget and recipe. ``steps`` counts optimizer steps; images seen =
-    steps × batch_size × grad_accum. ``ema_decay = 0`` disables EMA."""
+    steps × batch_size × grad_accum. ``ema_decay = 0`` disables EMA.
+
+    ``cache_latents = "auto"``: a method on a frozen, lossy tokenizer (one with
+    ``latent_loss``) gets the training split encoded once before the first step, both
+    orientations when ``data.flip``, kept on the training device when they take at most
+    ``cache_latents_max_gb``; otherwise (or with ``"off"``) every batch is encoded as it
+    is drawn. The tokenizer is deterministic and frozen, so both paths train on the same
+    latents up to float rounding of the encoder's batch composition."""
 
     steps: int = attrs.field(default=1000, validator=_positive)
     batch_size: int = attrs.field(default=64, validator=_positive)
@@ -97,6 +104,9 @@ class TrainConfig:
     checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     log_every: int = attrs.field(default=10, validator=_positive)
     num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    cache_latents: Literal["auto", "off"] = attrs.field(default="auto", metadata={"omit_if_default": True})
+    cache_latents_max_gb: float = attrs.field(default=4.0, validator=attrs.validators.gt(0),
+                                              metadata={"omit_if_default": True})
 
 
 @attrs.frozen(kw_only=True)

@@ -318,18 +318,23 @@ def measure_peak_memory(fn: Callable[[], Any], module: torch.nn.Module | None = 
     """Peak bytes of tensor memory on ``device`` while ``fn()`` runs under no_grad,
     ``module``'s parameters and buffers included.
 
-    CUDA: the allocator's peak (``max_memory_allocated``, reset first). Other devices
+    CUDA: the allocator's peak during the call above what was allocated before it, plus
+    the module's parameters and buffers (``max_memory_allocated``, reset first). Other devices
     (CPU, meta): a dispatch mode that follows every tensor storage ops create, so the
     number is the tensors' live bytes, not the process RSS that the allocator, the
     Python heap and the libraries inflate."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
+        # the allocator counts everything on the device (feature networks, other
+        # models): keep the growth during the call and add this module's own tensors
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         with torch.no_grad():
             fn()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
+        own = sum(t.untyped_storage().nbytes() for t in {*module.parameters(), *module.buffers()}) if module else 0
+        return int(torch.cuda.max_memory_allocated(device) - before + own)
     tracker = _LiveTensorBytes()
     if module is not None:
         for t in (*module.parameters(), *module.buffers()):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,65 @@ def batch_indices(k: int, n: int, batch: int, rank: int, world: int, seed: int) 
     return perm[start:start + batch]
 
 
+def flip_mask(n: int, seed: int, k: int) -> torch.Tensor:
+    """Which of micro-batch k's n images are mirrored (a pure function of seed and k)."""
+    g = torch.Generator().manual_seed(seed * 7919 + k)
+    return torch.rand(n, generator=g) < 0.5
+
+
 def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, flip: bool, seed: int, k: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = to_float(images[idx])
     if flip:
-        g = torch.Generator().manual_seed(seed * 7919 + k)
-        mask = torch.rand(len(idx), generator=g) < 0.5
+        mask = flip_mask(len(idx), seed, k)
         x[mask] = x[mask].flip(-1)
     return x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+
+
+class LatentCache:
+    """The training split through a frozen tokenizer, encoded once: ``latents[o]`` is
+    N×latent_shape for orientation o (0: as stored, 1: mirrored, present with flip)."""
+
+    def __init__(self, latents: list[torch.Tensor]):
+        self.latents = latents
+
+    @classmethod
+    def usable(cls, method: Any, cfg: Any, n: int, flip: bool) -> tuple[bool, str]:
+        """(cache?, why) for a method and train config on n examples."""
+        tokenizer = getattr(method, "tokenizer", None)
+        if cfg.cache_latents == "off":
+            return False, "train.cache_latents = off"
+        if not hasattr(method, "latent_loss") or tokenizer is None or getattr(tokenizer, "trainable", True):
+            return False, "the method has no frozen tokenizer with latent_loss"
+        if getattr(tokenizer, "lossless", False):
+            return False, "the tokenizer is lossless (its latents are the pixels)"
+        size = math.prod(tokenizer.latent_shape) * 4 * n * (2 if flip else 1) / 2**30
+        if size > cfg.cache_latents_max_gb:
+            return False, f"the latents take {size:.1f} GB > train.cache_latents_max_gb = {cfg.cache_latents_max_gb}"
+        return True, f"{size * 1024:.1f} MB"
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, method: Any, images: torch.Tensor, flip: bool, device: torch.device, batch: int = 256,
+               progress: bool = True) -> "LatentCache":
+        orientations = (False, True) if flip else (False,)
+        out = []
+        for mirrored in orientations:
+            parts = []
+            desc = f"encode latents{' (mirrored)' if mirrored else ''}"
+            for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=not progress):
+                x = to_float(images[i:i + batch]).to(device)
+                parts.append(method.encode(x.flip(-1) if mirrored else x))
+            out.append(torch.cat(parts))
+        return cls(out)
+
+    def batch(self, idx: torch.Tensor, flip: bool, seed: int, k: int) -> torch.Tensor:
+        """The latents of micro-batch k, mirrored where :func:`make_batch` would mirror."""
+        z = self.latents[0][idx.to(self.latents[0].device)]
+        if flip:
+            mask = flip_mask(len(idx), seed, k).to(z.device)
+            z[mask] = self.latents[1][idx.to(z.device)[mask]]
+        return z
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -196,11 +248,23 @@ class Trainer:
         self.wrapped, self.opt = self.acc.prepare(LossForward(method), opt)
         self.sched = sched
         self.acc.register_for_checkpointing(self.sched)
+        self.latents = self._latent_cache(method)
         self.ema = EMA(method, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.module.to(self.acc.device)
             self.acc.register_for_checkpointing(self.ema)
         self.step = 0
+
+    def _latent_cache(self, method: Any) -> LatentCache | None:
+        flip = self.ws.exp.data.flip
+        ok, why = LatentCache.usable(method, self.cfg, len(self.images), flip)
+        if self.progress and self.acc.is_main_process and self.cfg.cache_latents == "auto" and \
+                hasattr(method, "latent_loss"):
+            print(f"{self.entry.name}: {'caching' if ok else 'not caching'} tokenizer latents ({why})", file=sys.stderr)
+        if not ok:
+            return None
+        return LatentCache.encode(method, self.images, flip, self.acc.device,
+                                  progress=self.progress and self.acc.is_main_process)
 
     # -- checkpoints
 
@@ -304,9 +368,13 @@ class Trainer:
             k = self.step * self.cfg.grad_accum + a
             idx = batch_indices(k, len(self.images), self.cfg.batch_size, self.acc.process_index,
                                 self.acc.num_processes, self.ws.exp.seed)
-            x, y = make_batch(self.images, self.labels, idx, self.ws.exp.data.flip, self.ws.exp.seed, k, self.acc.device)
+            flip, seed = self.ws.exp.data.flip, self.ws.exp.seed
+            if self.latents is not None:
+                x, y = self.latents.batch(idx, flip, seed, k), self.labels[idx].to(self.acc.device)
+            else:
+                x, y = make_batch(self.images, self.labels, idx, flip, seed, k, self.acc.device)
             with self.acc.accumulate(self.wrapped), self.acc.autocast():
-                loss, logs = self.wrapped(x, y)
+                loss, logs = self.wrapped(x, y, self.latents is not None)
                 self._check_finite(loss, logs)
                 self.acc.backward(loss)
                 if self.acc.sync_gradients and self.cfg.grad_clip > 0:
@@ -341,15 +409,17 @@ class Trainer:
 
 
 class LossForward(torch.nn.Module):
-    """Routes ``forward`` to ``method.loss``: under DDP the loss must run through the
-    wrapper's forward for gradients to be all-reduced, and methods only promise ``loss``."""
+    """Routes ``forward`` to ``method.loss`` (or ``method.latent_loss`` on cached
+    latents): under DDP the loss must run through the wrapper's forward for gradients to
+    be all-reduced, and methods only promise ``loss``."""
 
     def __init__(self, method: torch.nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.method.loss(images, labels)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, latent: bool = False
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.method.latent_loss(inputs, labels) if latent else self.method.loss(inputs, labels)
 
 
 def train(ws: Workspace, entry: MethodEntry, resume: bool = False, fresh: bool = False,

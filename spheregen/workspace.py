@@ -105,8 +105,23 @@ class Workspace:
         )
 
     def build_metrics(self, device: torch.device | None = None) -> list[tuple[str, Any]]:
+        """Every metric of ``eval.metrics``, built; two that report the same key (FID in
+        two feature spaces, say) are refused: one would silently overwrite the other."""
         ctx = self.metric_context(device)
-        return [(c.name, build_component("metric", c, ctx, f"{self.exp.source}: eval.metrics")) for c in self.exp.eval.metrics]
+        where = f"{self.exp.source}: eval.metrics"
+        built = [(c.name, build_component("metric", c, ctx, where)) for c in self.exp.eval.metrics]
+        owner: dict[str, int] = {}
+        for i, (name, metric) in enumerate(built):
+            for key in metric.keys:
+                if key in owner:
+                    j = owner[key]
+                    raise ConfigError(
+                        f"{where}: entries {j} ('{built[j][0]}') and {i} ('{name}') both report '{key}'; "
+                        "one result column holds one metric: keep one of them (score another feature "
+                        "space in a second experiment file, or with `spheregen score`)"
+                    )
+                owner[key] = i
+        return built
 
     def reference_images(self) -> torch.Tensor:
         split = self.data.train if self.exp.eval.reference == "train" else self.data.test

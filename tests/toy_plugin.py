@@ -69,9 +69,62 @@ class ToyLoop:
         return steps
 
 
+class PoolTokenizer(torch.nn.Module):
+    """A frozen, lossy tokenizer: 2×2 average pooling (decode: nearest upsampling)."""
+
+    trainable = False
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.latent_shape = (channels, size // 2, size // 2)
+        self.encode_calls = 0
+
+    def encode(self, images):
+        self.encode_calls += len(images)
+        return F.avg_pool2d(images, 2)
+
+    def decode(self, latents):
+        return F.interpolate(latents, scale_factor=2, mode="nearest")
+
+
+@attrs.frozen(kw_only=True)
+class ToyLatentConfig:
+    """A one-conv denoiser on average-pooled latents."""
+
+
+class ToyLatentMethod(torch.nn.Module):
+    default_sampler = "toy-loop"
+
+    def __init__(self, cfg: ToyLatentConfig, ctx):
+        super().__init__()
+        c = ctx.data.channels
+        self.tokenizer = PoolTokenizer(c, ctx.data.image_size)
+        self.net = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.image_shape = (c, ctx.data.image_size, ctx.data.image_size)
+
+    @torch.no_grad()
+    def encode(self, images):
+        return self.tokenizer.encode(images)
+
+    def denoise(self, x, labels):
+        return torch.tanh(self.tokenizer.decode(self.net(F.avg_pool2d(x, 2))))
+
+    def latent_loss(self, latents, labels):
+        noisy = latents + 0.5 * torch.randn_like(latents)
+        loss = F.mse_loss(self.net(noisy), latents)
+        return loss, {"mse": float(loss.detach())}
+
+    def loss(self, images, labels):
+        return self.latent_loss(self.encode(images), labels)
+
+    def param_groups(self):
+        return [{"params": list(self.net.parameters()), "lr_scale": 1.0}]
+
+
 @spheregen.hookimpl
 def spheregen_register_methods(register):
     register("toy-ae", ToyMethod, ToyConfig)
+    register("toy-latent", ToyLatentMethod, ToyLatentConfig)
 
 
 @spheregen.hookimpl

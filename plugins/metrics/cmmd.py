@@ -163,7 +163,8 @@ class CMMD:
         self.space, layer, digest = resolve_embedding(cfg, ctx)
         self.features = self.space.name
         self.feature_info = self.space.info
-        self.feature_key = f"{self.space.extractor}:{layer}:{digest}"
+        # batch size included: features are bit-exact only for equal batch composition
+        self.feature_key = f"{self.space.extractor}:{layer}:{digest}:b{cfg.batch_size}"
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         self.keys: tuple[str, ...] = ("cmmd",) + ((self.accuracy_key,) if self.space.accuracy is not None else ())
         with warnings.catch_warnings():

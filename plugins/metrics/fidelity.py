@@ -113,7 +113,8 @@ def _extractor(name: str, weights_path: str, device: str) -> torch.nn.Module:
 class FidelityMetric:
     """Base of the torch-fidelity metrics: features are extracted here, batch by batch,
     and scored by torch-fidelity's own ``*_featuresdict_to_metric`` functions, so the
-    numbers are those of ``torch_fidelity.calculate_metrics`` on the same inputs.
+    numbers are those of ``torch_fidelity.calculate_metrics`` on the same inputs at the
+    same batch size (precision/recall: its ``save_cpu_ram=True`` blockwise path).
 
     ``extract`` / ``score`` are split so evaluation can shard extraction over processes
     and share one extraction among the metrics of one feature space (``feature_key``).

@@ -71,3 +71,14 @@ def test_missing_column(tmp_path):
 def test_balanced_labels():
     assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert balanced_labels(3, 0).tolist() == [0, 0, 0]
+
+
+def test_declared_num_classes_is_checked_and_keeps_the_data_key():
+    source = build_component("dataset", "digits", None)
+    plain = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1), source)
+    declared = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1,
+                               num_classes=10), source)
+    assert declared.key == plain.key and declared.spec == plain.spec
+    wrong = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1, num_classes=3), source)
+    with pytest.raises(DataError, match="data.num_classes = 3.*10 classes"):
+        _ = wrong.spec

@@ -51,3 +51,12 @@ def test_same_seed_same_samples(toy_registries, tiny_experiment, tmp_path):
         with np.load(tmp_path / "a" / "tiny" / "samples" / "toy" / f"steps-{steps}.npz") as a, \
                 np.load(tmp_path / "b" / "tiny" / "samples" / "toy" / f"steps-{steps}.npz") as b:
             assert np.array_equal(a["images"], b["images"])
+
+
+def test_two_metrics_with_one_key_are_refused(toy_registries, tiny_experiment, tmp_path, capsys):
+    tiny = '{ name = "fid", features = "domain-classifier", classifier = { width = 8, epochs = 1 } }'
+    exp = tiny_experiment(f"metrics = [{tiny}, {tiny.replace('width = 8', 'width = 4')}]")
+    assert main(["run", str(exp), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.metrics" in err and "both report 'fid'" in err
+    assert not (tmp_path / "runs" / "tiny" / "toy").exists()  # refused before any training

@@ -107,3 +107,50 @@ def test_existing_checkpoints_need_resume_or_fresh(toy_registries, tiny_experime
     with pytest.raises(ConfigError, match="--resume"):
         train(ws, ws.exp.methods[0], progress=False)
     train(ws, ws.exp.methods[0], fresh=True, progress=False)
+
+
+# ---------------------------------------------------------------- latent cache
+
+LATENT = '[[methods]]\nname = "lat"\nmethod = "toy-latent"\n'
+
+
+def _trainer(path, tmp_path, name):
+    from spheregen.runner import Trainer
+
+    exp = load_experiment(path)
+    return Trainer(Workspace(exp, tmp_path / name, tmp_path / f"{name}-reports"), exp.methods[0], progress=False)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_frozen_tokenizer_latents_are_encoded_once(toy_registries, tiny_experiment, tmp_path, flip):
+    from spheregen.runner import make_batch
+
+    cached = tiny_experiment("", LATENT)
+    if flip:
+        cached.write_text(cached.read_text().replace('channels = 1\n', 'channels = 1\nflip = true\n'))
+    trainer = _trainer(cached, tmp_path, "cached")
+    trainer.train()
+    n = len(trainer.images)
+    # the whole split once (twice with flip: both orientations), then never again
+    assert trainer.method.tokenizer.encode_calls == n * (2 if flip else 1)
+    # a cached micro-batch is exactly the encoding of the batch the uncached path draws
+    idx = batch_indices(3, n, 16, 0, 1, 0)
+    x, _ = make_batch(trainer.images, trainer.labels, idx, flip, 0, 3, torch.device("cpu"))
+    assert torch.equal(trainer.latents.batch(idx, flip, 0, 3), trainer.method.encode(x))
+    # and training on it follows the per-step encoding run exactly
+    off = tmp_path / "off.toml"
+    off.write_text(cached.read_text().replace("[eval]", "cache_latents = \"off\"\n[eval]", 1))
+    uncached = _trainer(off, tmp_path, "off")
+    uncached.train()
+    assert uncached.latents is None and uncached.method.tokenizer.encode_calls == 6 * 16
+    losses = [[json.loads(line)["loss"] for line in (t.run_dir / "train_log.jsonl").read_text().splitlines()]
+              for t in (trainer, uncached)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_latent_cache_respects_the_memory_cap(toy_registries, tiny_experiment, tmp_path):
+    path = tiny_experiment("", LATENT)
+    path.write_text(path.read_text().replace("[eval]", "cache_latents_max_gb = 1e-9\n[eval]", 1))
+    trainer = _trainer(path, tmp_path, "capped")
+    trainer.train()
+    assert trainer.latents is None and trainer.method.tokenizer.encode_calls == 6 * 16
