@@ -25,5 +25,5 @@ test-slow: install
 	$(BIN)/pytest -m slow
 
 benchmark: install
-	$(BIN)/python benchmarks/bench_sphere_encoder.py
+	$(BIN)/python benchmarks/bench_sphere_encoder.py --compile
 	$(BIN)/python benchmarks/bench_flops.py
