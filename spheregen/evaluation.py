@@ -109,7 +109,7 @@ def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor
 
 
 def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor,
-              shard: bool = True) -> dict[str, Any]:
+              shard: bool = True, labels: torch.Tensor | None = None) -> dict[str, Any]:
     """Every metric on one uint8 sample set -> {key: value} on the main process, {} on
     the others.
 
@@ -119,7 +119,9 @@ def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: 
     main process only: they are extracted once per dataset and feature space, and a
     cache hit that differed between processes could never desynchronise a collective.
     A metric without ``extract`` scores by ``compute`` on the main process.
-    ``shard=False``: the main process alone extracts (``samples`` may be empty elsewhere)."""
+    ``shard=False``: the main process alone extracts (``samples`` may be empty elsewhere).
+    ``labels`` (int64 N, the classes the samples were drawn for) go to metrics that
+    declare ``needs_labels``."""
     groups: dict[str, list[Any]] = {}
     whole = []
     for _, metric in metrics:
@@ -133,7 +135,13 @@ def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: 
         features = {key: group[0].extract(samples) for key, group in groups.items()}
     out: dict[str, Any] = {}
     for metric in whole:
-        out.update(metric.compute(samples, reference))
+        if not getattr(metric, "needs_labels", False):
+            out.update(metric.compute(samples, reference))
+        elif labels is None:
+            raise SpheregenError(f"metric {type(metric).__name__} needs the labels the samples were drawn for; "
+                                 "these samples have none (score spheregen's own sample files, or drop the metric)")
+        else:
+            out.update(metric.compute(samples, reference, labels=labels))
     for key, group in groups.items():
         needs_ref = any(getattr(m, "NEEDS_REFERENCE", True) for m in group)
         ref = group[0].reference_features(reference) if needs_ref else None
@@ -272,8 +280,8 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
     }
     rows = []
     for steps in ws.exp.steps_for(entry):
-        samples, _ = load_samples(ws.paths.samples(entry.name, steps))
-        scores = score_all(metrics, samples, reference)
+        samples, labels = load_samples(ws.paths.samples(entry.name, steps))
+        scores = score_all(metrics, samples, reference, labels=labels)
         if not distributed.is_main():
             continue  # speed and FLOPs are measured by one process
         row = {**base, "steps": steps, "num_samples": len(samples)}

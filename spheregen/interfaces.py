@@ -169,6 +169,8 @@ class Metric(Protocol):
     ``reference_features(reference)`` (cached) and ``feature_key`` (metrics
     with equal keys produce identical features, so evaluation extracts once for all of
     them). A metric without them is computed whole by ``compute`` on the main process.
+    ``needs_labels = True``: ``compute(samples, reference, labels=...)`` also receives the
+    int64 N classes the samples were drawn for (``class-accuracy``).
     """
 
     keys: tuple[str, ...]

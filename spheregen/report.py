@@ -42,6 +42,7 @@ COLUMNS = {
     "fid": ("FID", "{:.2f}"),
     "kid": ("KID×10³", "{:.2f}"),
     "cmmd": ("CMMD", "{:.3f}"),
+    "class_acc": ("class acc.", "{:.3f}"),
     "is": ("IS", "{:.2f}"),
     "precision": ("precision", "{:.3f}"),
     "recall": ("recall", "{:.3f}"),

@@ -138,3 +138,18 @@ class CmmdConfig:
     def tiny(cls):
         """The offline feature space with a one-epoch classifier (contract tests)."""
         return cls(embedding="domain-classifier", classifier=ClassifierConfig(width=8, epochs=1, batch_size=32))
+
+
+@attrs.frozen(kw_only=True)
+class ClassAccuracyConfig:
+    """Share of class-conditional samples that the domain classifier (trained on the
+    experiment's labelled data, see :class:`ClassifierConfig`) assigns to the class they
+    were drawn for: an objective "are these recognisable digits of the asked class".
+    ``batch_size``: images per classifier batch."""
+
+    batch_size: int = attrs.field(default=256, validator=_positive)
+    classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
+
+    @classmethod
+    def tiny(cls):
+        return cls(classifier=ClassifierConfig(width=8, epochs=1, batch_size=32))

@@ -128,5 +128,6 @@ def test_metric_contract(entry, tmp_path):
                         test_labels=labels[:32], cache_dir=str(tmp_path), device=torch.device("cpu"),
                         dataset_key="contract")
     metric = entry.factory(tiny_config(entry), ctx)
-    out = metric.compute(images[:32], images[32:])
+    extra = {"labels": labels[:32]} if getattr(metric, "needs_labels", False) else {}
+    out = metric.compute(images[:32], images[32:], **extra)
     assert set(metric.keys) <= set(out) and all(isinstance(out[k], float) for k in metric.keys)

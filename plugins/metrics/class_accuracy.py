@@ -1,0 +1,50 @@
+"""``class-accuracy``: how often the domain classifier reads a sample as the class it
+was generated for.
+
+Needs the samples' labels, so it declares ``needs_labels = True`` and evaluation passes
+them to ``compute(samples, reference, labels=...)``; the reference is not used. Only the
+domain classifier can judge this (an ImageNet Inception knows no dataset's classes), so
+there is no feature-space option. Its test accuracy on real held-out images, reported
+next to the score as ``class_acc_real``, is the ceiling to read the score against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spheregen.interfaces import MetricContext
+from spheregen_plugins.metrics import domain_classifier
+from spheregen_plugins.metrics.config import ClassAccuracyConfig
+from spheregen_plugins.metrics.fidelity import check_images
+
+
+class ClassAccuracy:
+    """uint8 N×C×H×W samples and int64 N labels -> {"class_acc": share in [0, 1],
+    "class_acc_real": the classifier's accuracy on the real test split}."""
+
+    needs_labels = True
+    keys = ("class_acc", "class_acc_real")
+    features = "domain-classifier"
+
+    def __init__(self, cfg: ClassAccuracyConfig, ctx: MetricContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        trained = domain_classifier.ensure_classifier(cfg.classifier, ctx)
+        self.feature_info = trained.info
+        self.real_accuracy = float(trained.test_accuracy)
+        self.model, _ = domain_classifier.load_classifier(trained.path, ctx.device)
+
+    @torch.no_grad()
+    def compute(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None
+                ) -> dict[str, float]:
+        samples = check_images("samples", samples)
+        if labels is None or len(labels) != len(samples):
+            got = "none" if labels is None else len(labels)
+            raise ValueError(f"class-accuracy needs one label per sample ({len(samples)}), got {got}")
+        hits = 0
+        for i in range(0, len(samples), self.cfg.batch_size):
+            x = domain_classifier.to_input(samples[i:i + self.cfg.batch_size].to(self.ctx.device))
+            _, logits = self.model(x)
+            hits += int((logits.argmax(1).cpu() == labels[i:i + self.cfg.batch_size].cpu()).sum())
+        return {"class_acc": hits / len(samples), "class_acc_real": self.real_accuracy}
