@@ -195,8 +195,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def run_hash(ws: Workspace, entry: MethodEntry) -> str:
-    """Identity of a training run: data, method entry (with its train config), seed."""
-    return config_hash({"data": ws.exp.data, "method": entry, "seed": ws.exp.seed})
+    """Identity of a training run: data, the method config, its train config, the seed.
+    Sampler, guidance and step counts are left out: they only change evaluation, so
+    changing them re-samples without retraining."""
+    training = {"name": entry.name, "method": entry.method, "train": entry.train}
+    return config_hash({"data": ws.exp.data, "method": training, "seed": ws.exp.seed})
 
 
 def is_trained(ws: Workspace, entry: MethodEntry) -> bool:

@@ -154,3 +154,18 @@ def test_latent_cache_respects_the_memory_cap(toy_registries, tiny_experiment, t
     trainer = _trainer(path, tmp_path, "capped")
     trainer.train()
     assert trainer.latents is None and trainer.method.tokenizer.encode_calls == 6 * 16
+
+
+def test_run_identity_covers_training_not_sampling(toy_registries, tiny_experiment):
+    from spheregen.runner import run_hash
+
+    base = tiny_experiment()
+    exp = load_experiment(base)
+    ws = Workspace(exp, "unused-runs", "unused-reports")
+    h = run_hash(ws, exp.methods[0])
+    for extra, same in (('guidance = 2.0\nsteps = [4]\nsampler = "toy-loop"\n', True),
+                        ("[methods.train]\nsteps = 7\n", False)):
+        path = base.with_name("variant.toml")
+        path.write_text(base.read_text() + extra)
+        variant = load_experiment(path)
+        assert (run_hash(Workspace(variant, "r", "p"), variant.methods[0]) == h) is same, extra
