@@ -311,6 +311,22 @@ def _tokenizer_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.from_dicts(list(merged.values()), infer_schema_length=None)
 
 
+def _with_old_users(path: Path, rows: list[dict[str, Any]], keep: list[str]) -> list[dict[str, Any]]:
+    """``rows`` plus, for each tokenizer re-scored now, a row per method of the old file
+    that used it and is still in the experiment (evaluating one method of three that
+    share a tokenizer must not drop the other two from its "used by")."""
+    if not path.is_file():
+        return rows
+    fresh = {r["config_hash"]: r for r in rows}
+    extra = []
+    for old in pl.read_parquet(path).iter_rows(named=True):
+        if old["config_hash"] in fresh:
+            for name in str(old["methods"]).split(", "):
+                if name in keep:
+                    extra.append({**fresh[old["config_hash"]], "methods": name})
+    return rows + extra
+
+
 def write_results(ws: Workspace, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = ()) -> Path:
     """Write results.parquet (and tokenizers.parquet when there are reconstruction rows);
     rows of methods not re-evaluated now are kept from the old files."""
@@ -320,7 +336,7 @@ def write_results(ws: Workspace, rows: list[dict[str, Any]], tokenizer_rows: lis
     atomic_write(path, lambda p: frame.write_parquet(p))
     if tokenizer_rows:
         tok_path = report / "tokenizers.parquet"
-        tokens = _tokenizer_frame(list(tokenizer_rows))
+        tokens = _tokenizer_frame(_with_old_users(tok_path, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
         if tok_path.is_file():
             old = pl.read_parquet(tok_path).filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens

@@ -60,3 +60,22 @@ def test_two_metrics_with_one_key_are_refused(toy_registries, tiny_experiment, t
     err = capsys.readouterr().err
     assert "eval.metrics" in err and "both report 'fid'" in err
     assert not (tmp_path / "runs" / "tiny" / "toy").exists()  # refused before any training
+
+
+def test_reevaluating_one_method_keeps_the_tokenizer_users(toy_registries, tiny_experiment, tmp_path):
+    import attrs
+
+    from spheregen.evaluation import write_results
+    from spheregen.experiment import MethodEntry, load_experiment
+    from spheregen.workspace import Workspace
+
+    exp = load_experiment(tiny_experiment())
+    exp = attrs.evolve(exp, methods=(exp.methods[0], attrs.evolve(exp.methods[0], name="toy2")))
+    ws = Workspace(exp, tmp_path / "runs", tmp_path / "reports")
+    tok = {"tokenizer": "t", "config_hash": "abc", "rfid": 1.0, "psnr": 20.0, "num_images": 5, "features": "f"}
+    write_results(ws, [{"method": "toy", "steps": 1}, {"method": "toy2", "steps": 1}],
+                  [{**tok, "methods": "toy"}, {**tok, "methods": "toy2"}])
+    write_results(ws, [{"method": "toy", "steps": 1}], [{**tok, "methods": "toy", "rfid": 2.0}])
+    rows = pl.read_parquet(ws.paths.report / "tokenizers.parquet").to_dicts()
+    assert len(rows) == 1 and rows[0]["methods"] == "toy, toy2" and rows[0]["rfid"] == 2.0
+    assert isinstance(exp.methods[1], MethodEntry)
