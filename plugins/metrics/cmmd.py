@@ -107,10 +107,9 @@ def find_clip_weights(model: str) -> Path:
     download would put them, or a WeightsError saying how to get them."""
     directory = inception.hub_checkpoints_dir()
     names = clip_weight_files(model)
-    for name in names:
-        path = directory / name
-        if path.is_file():
-            return path
+    path = inception.find_in_hub(names)
+    if path is not None:
+        return path
     raise WeightsError(
         f"embedding = \"clip\" with clip_model = \"{model}\" needs torch-fidelity's CLIP weights file "
         f"'{names[0]}' (or OpenAI's identical '{names[1]}', e.g. from ~/.cache/clip), which is not in "

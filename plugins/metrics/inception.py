@@ -28,13 +28,18 @@ def hub_checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def find_in_hub(names: tuple[str, ...] | list[str]) -> Path | None:
+    """The first of ``names`` present in the torch hub checkpoints folder, or None."""
+    directory = hub_checkpoints_dir()
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
 def find_inception_weights() -> Path:
     """The local InceptionV3 weights file, or a WeightsError saying how to get it."""
     directory = hub_checkpoints_dir()
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if path.is_file():
-            return path
+    path = find_in_hub(WEIGHT_FILES)
+    if path is not None:
+        return path
     raise WeightsError(
         f"features = \"inception\" needs torch-fidelity's InceptionV3 weights file "
         f"'{WEIGHT_FILES[0]}' (or the identical '{WEIGHT_FILES[1]}'), which is not in {directory} "
