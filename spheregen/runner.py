@@ -202,11 +202,19 @@ def run_hash(ws: Workspace, entry: MethodEntry) -> str:
     return config_hash({"data": ws.exp.data, "method": training, "seed": ws.exp.seed})
 
 
+def same_run(recorded: str | None, ws: Workspace, entry: MethodEntry) -> bool:
+    """Whether a run.json hash names this entry's training run. Runs recorded before
+    the identity left out guidance/sampler/steps (spheregen 0.1, session 1) carry the
+    old hash of the whole entry; it is accepted too, so they need no retraining."""
+    legacy = config_hash({"data": ws.exp.data, "method": entry, "seed": ws.exp.seed})
+    return recorded is not None and recorded in (run_hash(ws, entry), legacy)
+
+
 def is_trained(ws: Workspace, entry: MethodEntry) -> bool:
     """Final weights exist for exactly this run's config."""
     meta = ws.paths.run(entry.name) / "run.json"
     return ws.paths.final(entry.name).is_file() and meta.is_file() and \
-        json.loads(meta.read_text()).get("config_hash") == run_hash(ws, entry)
+        same_run(json.loads(meta.read_text()).get("config_hash"), ws, entry)
 
 
 class Trainer:
@@ -278,7 +286,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if meta.is_file():
             old = json.loads(meta.read_text()).get("config_hash")
-            if old != self.hash:
+            if not same_run(old, self.ws, self.entry):
                 raise ConfigError(
                     f"{self.run_dir} holds a run of a different config (hash {old}, now {self.hash}); "
                     "pass --fresh to delete it and retrain, or rename the method"

@@ -169,3 +169,21 @@ def test_run_identity_covers_training_not_sampling(toy_registries, tiny_experime
         path.write_text(base.read_text() + extra)
         variant = load_experiment(path)
         assert (run_hash(Workspace(variant, "r", "p"), variant.methods[0]) == h) is same, extra
+
+
+def test_runs_recorded_with_the_legacy_identity_count_as_trained(toy_registries, tiny_experiment, tmp_path):
+    from spheregen.config import config_hash
+    from spheregen.runner import is_trained
+
+    exp = load_experiment(tiny_experiment())
+    ws = Workspace(exp, tmp_path / "runs", tmp_path / "reports")
+    entry = exp.methods[0]
+    train(ws, entry, progress=False)
+    meta = ws.paths.run(entry.name) / "run.json"
+    record = json.loads(meta.read_text())
+    record["config_hash"] = config_hash({"data": exp.data, "method": entry, "seed": exp.seed})
+    meta.write_text(json.dumps(record))
+    assert is_trained(ws, entry)
+    record["config_hash"] = "somethingelse"
+    meta.write_text(json.dumps(record))
+    assert not is_trained(ws, entry)
