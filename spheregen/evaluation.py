@@ -203,6 +203,9 @@ def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, step
         "throughput_batch": ev.throughput_batch,
         "latency_b1_s": single.latency_s,
         "peak_memory_mb": peak / 2**20,
+        # speed depends on it: rows timed with different thread counts do not compare
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -297,6 +297,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"
 
 
+def speed_note(df: pl.DataFrame) -> str:
+    """Where img/s and latency were measured (device, torch threads), and a warning when
+    rows were timed differently: such rows do not compare."""
+    if "torch_threads" not in df.columns or "device" not in df.columns:
+        return ""
+    setups = sorted({f"{d}, {t} thread(s)" for d, t in df.select("device", "torch_threads").iter_rows()
+                     if d is not None})
+    if not setups:
+        return ""
+    if len(setups) == 1:
+        return f"img/s and latency measured on {setups[0]}."
+    return (f"img/s and latency were measured in different setups ({'; '.join(setups)}): compare speed "
+            "only between rows of one setup (columns device, torch_threads of results.parquet).")
+
+
 def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, plots: list[Path]) -> list[Block]:
     exp = ws.exp
     n = df["num_samples"].max() if "num_samples" in df.columns else None
@@ -307,6 +322,9 @@ def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, plots: list[Pa
               f"against the {exp.eval.reference} split."),
         ("table", *results_rows(df)),
     ]
+    timing = speed_note(df)
+    if timing:
+        blocks.append(("p", timing))
     steps = steps_rows(df)
     if steps:
         blocks += [("h", 3, "By step count"), ("table", *steps)]

@@ -155,3 +155,13 @@ def test_one_section_per_dataset(ws):
     assert "| ae-b | 1 | 40.00 |" in mnist.split("## Tokenizers")[0]
     for name in ("fid_vs_gflops_digits.png", "fid_vs_gflops_hf-ylecun-mnist.png"):
         assert (ws.paths.report / name).is_file() and f"]({name})" in md
+
+
+def test_speed_note_names_the_setup_and_warns_on_mixed_setups():
+    from spheregen.report import speed_note
+
+    one = pl.DataFrame({"device": ["cpu", "cpu"], "torch_threads": [1, 1]})
+    assert speed_note(one) == "img/s and latency measured on cpu, 1 thread(s)."
+    mixed = pl.DataFrame({"device": ["cpu", "cpu"], "torch_threads": [1, 2]})
+    assert "different setups" in speed_note(mixed) and "2 thread(s)" in speed_note(mixed)
+    assert speed_note(pl.DataFrame({"method": ["a"]})) == ""
