@@ -20,7 +20,9 @@ from spheregen_plugins.metrics.fidelity import check_images
 
 
 class ClassAccuracy:
-    """uint8 N×C×H×W samples and int64 N labels -> {"class_acc": share in [0, 1],
+    """Share of conditional samples the domain classifier reads as the asked class.
+
+    uint8 N×C×H×W samples and int64 N labels -> {"class_acc": share in [0, 1],
     "class_acc_real": the classifier's accuracy on the real test split}."""
 
     needs_labels = True
