@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metric_data import digits_16px, make_ctx
 from spheregen.errors import ConfigError, WeightsError
 from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import cmmd
@@ -26,16 +25,6 @@ DC = {"embedding": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_16px()
-
-
-@pytest.fixture(scope="module")
-def ctx(digits, tmp_path_factory):
-    return make_ctx(digits, tmp_path_factory.mktemp("cmmd-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metric_data import digits_16px, make_ctx
+from metric_data import make_ctx
 from spheregen.errors import ConfigError, WeightsError
 from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import domain_classifier, inception
@@ -34,16 +34,6 @@ DC = {"features": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 2
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_16px()
-
-
-@pytest.fixture(scope="module")
-def ctx(digits, tmp_path_factory):
-    return make_ctx(digits, tmp_path_factory.mktemp("metrics-cache"))
 
 
 @pytest.fixture(scope="module")
