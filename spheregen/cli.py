@@ -20,6 +20,15 @@ from spheregen.registry import KINDS
 from spheregen.workspace import Workspace
 
 
+def say(*args: Any) -> None:
+    """print on the main process only: under torchrun / accelerate launch every process
+    runs the command, and one line per result is enough."""
+    from spheregen import distributed
+
+    if distributed.is_main():
+        print(*args)
+
+
 def _workspace(args: argparse.Namespace) -> Workspace:
     if args.threads:
         # on a shared CPU, fewer intra-op threads than busy cores avoids OpenMP barrier
@@ -62,10 +71,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
         if args.skip_trained and is_trained(ws, entry):
-            print(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
+            say(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
         path = train(ws, entry, resume=args.resume, fresh=args.fresh)
-        print(f"{entry.name}: weights at {path}")
+        say(f"{entry.name}: weights at {path}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -74,21 +83,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
         for path in sample_entry(ws, entry, ws.device):
-            print(f"{entry.name}: {path}")
+            say(f"{entry.name}: {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spheregen.evaluation import evaluate
 
     ws = _workspace(args)
-    print(f"results: {evaluate(ws, args.method, ws.device)}")
+    say(f"results: {evaluate(ws, args.method, ws.device)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from spheregen.report import build_report
 
     ws = _workspace(args)
-    print(f"report: {build_report(ws)}")
+    say(f"report: {build_report(ws)}")
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -111,7 +120,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     ws = _workspace(args)
     result = {key: score_samples(ws, read_external_samples(Path(args.samples), key)) for key in args.key}
-    print(json.dumps(result, indent=2))
+    say(json.dumps(result, indent=2))
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
