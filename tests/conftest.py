@@ -12,6 +12,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_weight_downloads():
+    """Tests never download weights: torch hub's downloader (behind torchvision, timm's
+    URL weights, torch-fidelity and lpips) fails the test instead of reaching out."""
+
+    def refuse(url, *args, **kwargs):
+        raise AssertionError(f"a test tried to download {url}: check the local file first and raise WeightsError")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "download_url_to_file", refuse)
+        yield
+
+
 @pytest.fixture
 def toy_registries():
     """The installed plugins plus the in-process toy plugin (tests/toy_plugin.py)."""

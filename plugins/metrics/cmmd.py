@@ -48,7 +48,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from spheregen.errors import WeightsError
 from spheregen.interfaces import MetricContext
-from spheregen_plugins.metrics import domain_classifier, inception
+from spheregen.weights import find_hub_file, hub_checkpoints_dir
+from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
 from spheregen_plugins.metrics.fidelity import FeatureSpace, check_images, resolve_features
 
@@ -105,9 +106,9 @@ def clip_weight_files(model: str) -> tuple[str, str]:
 def find_clip_weights(model: str) -> Path:
     """The local CLIP weights of ``model`` in the torch hub cache, where torch-fidelity's
     download would put them, or a WeightsError saying how to get them."""
-    directory = inception.hub_checkpoints_dir()
+    directory = hub_checkpoints_dir()
     names = clip_weight_files(model)
-    path = inception.find_in_hub(names)
+    path = find_hub_file(names)
     if path is not None:
         return path
     raise WeightsError(

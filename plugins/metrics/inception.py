@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from spheregen.errors import WeightsError
+from spheregen.weights import find_hub_file, hub_checkpoints_dir
 
 EXTRACTOR = "inception-v3-compat"
 # torch-fidelity's own file name (what its download would write), then pytorch-fid's name
@@ -23,21 +23,10 @@ EXTRACTOR = "inception-v3-compat"
 WEIGHT_FILES = (os.path.basename(URL_INCEPTION_V3), "pt_inception-2015-12-05-6726825d.pth")
 
 
-def hub_checkpoints_dir() -> Path:
-    """Where torch hub keeps downloaded weights (honours TORCH_HOME and set_dir)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def find_in_hub(names: tuple[str, ...] | list[str]) -> Path | None:
-    """The first of ``names`` present in the torch hub checkpoints folder, or None."""
-    directory = hub_checkpoints_dir()
-    return next((directory / n for n in names if (directory / n).is_file()), None)
-
-
 def find_inception_weights() -> Path:
     """The local InceptionV3 weights file, or a WeightsError saying how to get it."""
     directory = hub_checkpoints_dir()
-    path = find_in_hub(WEIGHT_FILES)
+    path = find_hub_file(WEIGHT_FILES)
     if path is not None:
         return path
     raise WeightsError(

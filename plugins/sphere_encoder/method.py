@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from spheregen.interfaces import BuildContext, DataSpec
 from spheregen_plugins.sphere_encoder import sphere
 from spheregen_plugins.sphere_encoder.config import SIZES, SphereEncoderConfig, official_patch_size
-from spheregen_plugins.sphere_encoder.losses import Perceptual, distance, latent_consistency
+from spheregen_plugins.sphere_encoder.losses import distance, latent_consistency, sphere_perceptual
 from spheregen_plugins.sphere_encoder.networks import Decoder, Encoder
 
 
@@ -58,7 +58,7 @@ class SphereEncoder(nn.Module):
         self.decoder = Decoder(**common, head=cfg.head)
         needs_perceptual = cfg.perc_weight > 0 or (cfg.pixel_consistency and cfg.con_perc_weight > 0)
         # losses=False (an architecture built on meta to count FLOPs) needs no VGG weights
-        self._perceptual = Perceptual() if needs_perceptual and losses else None
+        self._perceptual = sphere_perceptual() if needs_perceptual and losses else None
 
     @property
     def conditional(self) -> bool:

@@ -65,6 +65,8 @@ from tqdm.auto import tqdm
 
 from spheregen.config import config_hash, to_dict
 from spheregen.errors import WeightsError
+from spheregen.weights import hub_checkpoints_dir
+from spheregen_plugins.perceptual import Perceptual, check_vgg16_weights
 from spheregen.interfaces import BuildContext
 
 NORM_EPS = 1e-5
@@ -342,12 +344,6 @@ def _as_float(images: Tensor) -> Tensor:
 # ------------------------------------------------------------------ DINOv2 weights
 
 
-def _torch_home() -> Path:
-    if os.environ.get("TORCH_HOME"):
-        return Path(os.environ["TORCH_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "torch"
-
-
 def _hf_hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
@@ -381,7 +377,7 @@ def find_dinov2_weights(cfg: RAEConfig) -> Path:
         repo_dir = f"models--{pcfg.hf_hub_id.replace('/', '--')}"
         candidates.append(_hf_hub_cache() / repo_dir / "snapshots/<revision>/model.safetensors")
     if pcfg.url:
-        local = _torch_home() / "hub" / "checkpoints" / pcfg.url.rsplit("/", 1)[-1]
+        local = hub_checkpoints_dir() / pcfg.url.rsplit("/", 1)[-1]
         if local.is_file():
             return local
         candidates.append(local)
@@ -416,15 +412,8 @@ def build_dinov2(cfg: RAEConfig, load: bool = True) -> DinoEncoder:
     return DinoEncoder(model, cfg.dinov2_image_size).eval().requires_grad_(False)
 
 
-def check_lpips_weights() -> Path:
-    path = _torch_home() / "hub" / "checkpoints" / "vgg16-397923af.pth"
-    if not path.is_file():
-        raise WeightsError(
-            f"rae: lpips_weight > 0 needs the LPIPS VGG16 backbone at {path} (torchvision's vgg16 ImageNet "
-            "weights, https://download.pytorch.org/models/vgg16-397923af.pth). Put the file there, or set "
-            "lpips_weight = 0 (L1 only)"
-        )
-    return path
+LPIPS_NEEDED_FOR = "rae: lpips_weight > 0 (the LPIPS-VGG term of decoder training)"
+LPIPS_ALTERNATIVE = "set lpips_weight = 0 (L1 only)"
 
 
 # ------------------------------------------------------------------ training
@@ -546,10 +535,7 @@ def train_decoder(tok: RAETokenizer, cfg: RAEConfig, batches: _Batches, raw: Ten
     frozen encoder's output for ``batches.images``) skips re-encoding every batch."""
     perceptual = None
     if cfg.lpips_weight > 0:
-        check_lpips_weights()
-        import lpips
-
-        perceptual = lpips.LPIPS(net="vgg", verbose=False).to(batches.device).eval().requires_grad_(False)
+        perceptual = Perceptual(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE)
     scale = torch.rsqrt(tok.var + NORM_EPS)
 
     def loss_fn(_step: int) -> Tensor:
@@ -567,7 +553,7 @@ def train_decoder(tok: RAETokenizer, cfg: RAEConfig, batches: _Batches, raw: Ten
         loss = cfg.l1_weight * F.l1_loss(rec, x)
         if perceptual is not None:
             rgb = (lambda t: t.expand(-1, 3, -1, -1)) if x.shape[1] == 1 else (lambda t: t)
-            loss = loss + cfg.lpips_weight * perceptual(rgb(rec), rgb(x)).mean()
+            loss = loss + cfg.lpips_weight * perceptual(rgb(rec), rgb(x))
         return loss
 
     tok.decoder.train()
@@ -653,7 +639,7 @@ def build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
         with torch.device("meta"):
             return _new_tokenizer(cfg, ctx).eval()
     if cfg.lpips_weight > 0:
-        check_lpips_weights()
+        check_vgg16_weights(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE)  # before any training
     # Initialisation and training draw from a private RNG seeded by the config: the same
     # config gives the same tokenizer, and the caller's random state is left alone.
     devices = [ctx.device] if ctx.device.type == "cuda" else []

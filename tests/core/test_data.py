@@ -82,3 +82,23 @@ def test_declared_num_classes_is_checked_and_keeps_the_data_key():
     wrong = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1, num_classes=3), source)
     with pytest.raises(DataError, match="data.num_classes = 3.*10 classes"):
         _ = wrong.spec
+
+
+def test_weights_lookup_never_downloads(tmp_path, monkeypatch):
+    """A missing file is a WeightsError naming it, its folder, its URL and the alternative;
+    the downloader behind torchvision/lpips/torch-fidelity is refused in every test."""
+    import torch
+
+    from spheregen.errors import WeightsError
+    from spheregen.weights import require_hub_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        require_hub_file("w.pth", "https://example.invalid/w.pth", "the thing", "set thing = 0")
+    msg = str(err.value)
+    assert all(s in msg for s in ("'w.pth'", str(tmp_path / "hub" / "checkpoints"), "example.invalid", "thing = 0"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "w.pth").write_bytes(b"x")
+    assert require_hub_file("w.pth", "u", "t", "a") == tmp_path / "hub" / "checkpoints" / "w.pth"
+    with pytest.raises(AssertionError, match="tried to download"):
+        torch.hub.load_state_dict_from_url("https://example.invalid/other.pth", model_dir=str(tmp_path))

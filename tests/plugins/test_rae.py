@@ -14,14 +14,7 @@ from spheregen_plugins.tokenizers.rae import RAEConfig, build_rae
 SPEC = DataSpec(image_size=16, channels=3, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread avoids the many-fold slowdown of two
-    OpenMP threads on a shared, oversubscribed 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_data(n=48, seed=0):
@@ -121,7 +114,7 @@ def test_dinov2_loads_a_local_weights_file(tmp_path):
 
 def test_lpips_without_vgg_weights_is_a_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(WeightsError, match="vgg16-397923af.pth"):
+    with pytest.raises(WeightsError, match="vgg16-397923af.pth.*lpips_weight = 0"):
         build_rae(attrs.evolve(RAEConfig.tiny(), lpips_weight=0.1), context(tmp_path))
 
 

@@ -23,14 +23,7 @@ SPEC = DataSpec(image_size=16, channels=3, num_classes=10)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread avoids the many-fold slowdown of two
-    OpenMP threads on a shared, oversubscribed 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def context(spec=SPEC, train_data=None):
