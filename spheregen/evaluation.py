@@ -400,5 +400,4 @@ def score_samples(ws: Workspace, samples: torch.Tensor, device: torch.device | N
     expected = (ws.data.spec.channels, ws.data.spec.image_size, ws.data.spec.image_size)
     if tuple(samples.shape[1:]) != expected:
         raise SpheregenError(f"samples are {tuple(samples.shape[1:])}, the experiment's data is {expected} (C×H×W)")
-    out = score_all(ws.build_metrics(device or ws.device), samples, ws.reference_images())
-    return out
+    return score_all(ws.build_metrics(device or ws.device), samples, ws.reference_images())

@@ -150,13 +150,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def markdown_table(df: pl.DataFrame) -> str:
-    return _md_table(*results_rows(df))
 
 
-def steps_table(df: pl.DataFrame) -> str:
-    table = steps_rows(df)
-    return _md_table(*table) if table else ""
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -446,10 +441,6 @@ def to_html(blocks: list[Block], title: str, out: Path) -> str:
             f"<body>\n{body}\n</body>\n</html>\n")
 
 
-def results_markdown(ws: Workspace, df: pl.DataFrame) -> str:
-    """results.md for ``df`` (writes the plots and grids it links to)."""
-    out = ws.paths.report
-    return to_markdown(report_blocks(ws, df, read_tokenizers(out), out))
 
 
 def build_report(ws: Workspace) -> Path:

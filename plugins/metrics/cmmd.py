@@ -180,7 +180,7 @@ class CMMD:
             ).to(self.device)
         model = self.extractor.model
         self.dim = model.visual.output_dim if isinstance(self.extractor, FeatureExtractorCLIP) else model.feature_dim
-        self._reference_memo: tuple[Tensor, int, dict[str, Tensor]] | None = None
+        self._reference_memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}  # by tensor identity
 
     @torch.no_grad()
     def extract(self, images: Tensor) -> dict[str, Tensor]:
@@ -221,11 +221,11 @@ class CMMD:
     def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
         """:meth:`extract` of the reference, kept for the next call with the same tensor
         (an in-place change bumps its version and forces a new extraction)."""
-        memo = self._reference_memo
+        memo = self._reference_memo.get(id(reference))
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
         features = self.extract(reference)
-        self._reference_memo = (reference, reference._version, features)
+        self._reference_memo[id(reference)] = (reference, reference._version, features)
         return features
 
     def _embeddings(self, name: str, features: dict[str, Tensor]) -> Tensor:

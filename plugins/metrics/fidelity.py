@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +37,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from spheregen.interfaces import MetricContext
+from spheregen.paths import atomic_write
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import FeatureMetricConfig
 
@@ -138,7 +138,9 @@ class FidelityMetric:
         self.layer = FEATURE_EXTRACTORS_REGISTRY[self.space.extractor].get_default_feature_layer_for_metric(self.FLAG)
         # batch size is part of the identity: features are bit-exact only for equal batches
         self.feature_key = f"{self.space.extractor}:{self.space.cache_tag}:b{cfg.batch_size}"
-        self._reference_memo: tuple[Tensor, int, dict[str, Tensor]] | None = None
+        # by tensor identity: one metric scores against the train split (gFID) and the
+        # test split (rFID) in turn, and neither should evict the other
+        self._reference_memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}
 
     @torch.no_grad()
     def extract(self, images: Tensor) -> dict[str, Tensor]:
@@ -185,7 +187,7 @@ class FidelityMetric:
     def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
         """:meth:`extract` of the reference, cached in memory (same tensor, same version)
         and on disk under ``<cache_dir>/features/`` by content, dataset and feature space."""
-        memo = self._reference_memo
+        memo = self._reference_memo.get(id(reference))
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
         dataset = domain_classifier.slug(self.ctx.dataset_key)
@@ -195,11 +197,8 @@ class FidelityMetric:
             features = torch.load(path, map_location="cpu", weights_only=True)
         else:
             features = self.extract(reference)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(features, tmp)
-            os.replace(tmp, path)
-        self._reference_memo = (reference, reference._version, features)
+            atomic_write(path, lambda p: torch.save(features, p))
+        self._reference_memo[id(reference)] = (reference, reference._version, features)
         return features
 
     def _score(self, samples: dict[str, Tensor], reference: dict[str, Tensor] | None, n_samples: int,

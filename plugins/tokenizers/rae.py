@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from spheregen.config import config_hash, to_dict
 from spheregen.errors import WeightsError
+from spheregen.paths import atomic_write
 from spheregen.weights import hub_checkpoints_dir
 from spheregen_plugins.perceptual import Perceptual, check_vgg16_weights
 from spheregen.interfaces import BuildContext
@@ -650,14 +651,21 @@ def build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
 
 def _build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
     tok = _new_tokenizer(cfg, ctx)
-    data = ctx.train_data() if ctx.train_data is not None else None
-    data_key = getattr(ctx, "data_key", None) or (data_fingerprint(*data) if data is not None else None)
+    # the training split is loaded only when it is needed: to fingerprint data that has
+    # no key, or to train; a cache hit under a known data key never touches it
+    data = None
+    data_key = getattr(ctx, "data_key", None)
+    if data_key is None and ctx.train_data is not None:
+        data = ctx.train_data()
+        data_key = data_fingerprint(*data)
     path = _cache_file(cfg, ctx, data_key) if data_key is not None else None
     if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         tok.load_state_dict(blob["state"], strict=cfg.encoder != "dinov2")
         tok.info = {**blob["info"], "cache": str(path), "loaded": True}
         return tok.to(ctx.device).eval()
+    if data is None and ctx.train_data is not None:
+        data = ctx.train_data()
     if data is None:
         raise ValueError(
             "rae: no cached weights for this config and no training data to train on (ctx.train_data is None); "
@@ -667,9 +675,7 @@ def _build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
     tok.info = fit_rae(tok, cfg, images, labels, ctx.data.num_classes, ctx.device)
     tok.info["loaded"] = False
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"state": _state_to_save(tok, cfg), "info": tok.info, "config": to_dict(cfg)}, tmp)
-        os.replace(tmp, path)
+        blob = {"state": _state_to_save(tok, cfg), "info": tok.info, "config": to_dict(cfg)}
+        atomic_write(path, lambda p: torch.save(blob, p))
         tok.info["cache"] = str(path)
     return tok.eval()

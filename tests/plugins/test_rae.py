@@ -56,6 +56,17 @@ def test_cache_is_keyed_by_config_and_data(tmp_path):
     assert len({a.info["cache"], b.info["cache"], c.info["cache"]}) == 3
 
 
+def test_a_cache_hit_under_a_data_key_never_loads_the_training_split(tmp_path):
+    def keyed(data):
+        return BuildContext(data=SPEC, build=None, train_data=data, cache_dir=str(tmp_path), data_key="digits-k")
+
+    def refuse():
+        raise AssertionError("the training split was loaded for a cached tokenizer")
+
+    assert build_rae(RAEConfig.tiny(), keyed(tiny_data)).info["loaded"] is False
+    assert build_rae(RAEConfig.tiny(), keyed(refuse)).info["loaded"] is True
+
+
 def test_latents_are_normalised_with_dataset_statistics():
     images, _ = tiny_data()
     tok = build_rae(RAEConfig.tiny(), context(None))
