@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-slow benchmark
+.PHONY: install quickstart test test-slow test-gpu benchmark
 
 $(BIN)/spheregen: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 test-slow: install
 	$(BIN)/pytest -m slow
 
+test-gpu: install
+	$(BIN)/pytest -m gpu
+
 benchmark: install
 	$(BIN)/python benchmarks/bench_sphere_encoder.py --compile
+	$(BIN)/python benchmarks/bench_sphere_encoder.py --model cifar10-base --no-train --batch 8 --quick
 	$(BIN)/python benchmarks/bench_flops.py

@@ -10,6 +10,10 @@ Prints, for batch 64 (fp32):
 * the achieved GFLOP/s and its fraction of the peak: the median GFLOP/s of 2048²
   fp32 ``torch.mm`` with the same thread count.
 
+``--device cuda`` runs the same on a GPU (8192² peak, synchronised timings, TF32 off),
+``--dtype bf16`` under bf16 autocast against a bf16 peak, ``--model cifar10-base`` with
+the official CIFAR-10 model instead of the tiny one.
+
 The peak and the workloads are measured interleaved: every timed call of a workload is
 bracketed by two peak measurements, and a workload's fraction is the median over its
 calls of (its GFLOP/s / the mean of the two peaks around it). On a shared machine the
@@ -23,6 +27,7 @@ under ``OMP_WAIT_POLICY=PASSIVE`` and says so in its header; ``--omp-as-is`` opt
     python benchmarks/bench_sphere_encoder.py            # full run (about 1 min idle, < 2 min busy)
     python benchmarks/bench_sphere_encoder.py --quick    # about 30 s
     python benchmarks/bench_sphere_encoder.py --threads 1 --profile --json out.json
+    python benchmarks/bench_sphere_encoder.py --device cuda --dtype bf16 --model cifar10-base
 
 The weights are the tiny config's init with the zero-initialised tensors (heads, AdaLN,
 mixer α) filled with N(0, 0.02), so that no branch is trivially zero; speed does not
@@ -99,10 +104,24 @@ DATA = DataSpec(image_size=32, channels=3, num_classes=10)
 # ------------------------------------------------------------------ setup
 
 
-def build(seed: int = 0) -> torch.nn.Module:
+MODELS = ("tiny", "cifar10-base")
+
+
+def model_config(name: str) -> SphereEncoderConfig:
+    """``tiny``: SPEC D's CPU recipe. ``cifar10-base``: the official CIFAR-10 model of
+    experiments/paper/cifar10.toml (base/base, patch 2, 16×16×8 latent) with the
+    perceptual terms off (LPIPS needs the VGG16 weights; the rows then time the smooth-L1
+    and latent-consistency objective only)."""
+    if name == "tiny":
+        return SphereEncoderConfig.tiny()
+    return SphereEncoderConfig(size="base", patch_size=2, compression_ratio=1.5, noise_angle=80.0, mixer_depth=2,
+                               head="conv", con_dist_weight=0.5, lat_con_weight=0.1)
+
+
+def build(seed: int = 0, model: str = "tiny") -> torch.nn.Module:
     torch.manual_seed(seed)
     ctx = BuildContext(data=DATA, build=lambda kind, component: None)
-    method = build_method(SphereEncoderConfig.tiny(), ctx)
+    method = build_method(model_config(model), ctx)
     with torch.no_grad():
         for p in method.parameters():
             if p.requires_grad and not p.any():
@@ -110,22 +129,33 @@ def build(seed: int = 0) -> torch.nn.Module:
     return method
 
 
-class Peak:
-    """fp32 2048² matmuls: each call times ``reps`` back-to-back ``mm`` and returns GFLOP/s."""
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued kernels (CUDA runs asynchronously); no-op on CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    def __init__(self, n: int = PEAK_N, reps: int = 2):
+
+class Peak:
+    """n² matmuls (2048 on CPU, 8192 on CUDA) in the workload's dtype: each call times
+    ``reps`` back-to-back ``mm`` and returns GFLOP/s."""
+
+    def __init__(self, n: int | None = None, reps: int = 2, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32):
+        n = n or (PEAK_N if device.type == "cpu" else 4 * PEAK_N)
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=g)
-        self.b = torch.randn(n, n, generator=g)
-        self.c = torch.empty(n, n)
+        self.a = torch.randn(n, n, generator=g).to(device, dtype)
+        self.b = torch.randn(n, n, generator=g).to(device, dtype)
+        self.c = torch.empty(n, n, device=device, dtype=dtype)
+        self.n, self.sync = n, synchronizer(device)
         self.flops = 2 * n**3 * reps
         self.reps = reps
         self.samples: list[float] = []
 
     def __call__(self) -> float:
+        self.sync()
         start = time.perf_counter()
         for _ in range(self.reps):
             torch.mm(self.a, self.b, out=self.c)
+        self.sync()
         gflops = self.flops / (time.perf_counter() - start) / 1e9
         self.samples.append(gflops)
         return gflops
@@ -270,8 +300,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time sampling with encoder and decoder compiled by torch.compile (inductor, "
                          "weights frozen as constants; about 20 s of compilation per shape)")
     ap.add_argument("--profile", action="store_true",
-                    help="also print the per-op self-CPU-time breakdown of one T=4 CFG sampling call")
+                    help="also print the per-op self-CPU-time breakdown of one T=4 CFG sampling call (CPU only)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32 (on CUDA with TF32 off) or bf16 autocast; the peak matmul uses the same dtype")
+    ap.add_argument("--model", choices=MODELS, default="tiny",
+                    help="tiny (SPEC D, the CPU recipe) or cifar10-base (the official CIFAR-10 model, a GPU size)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: only cpu and cuda are supported")
+    if args.profile and device.type != "cpu":
+        ap.error("--profile breaks down CPU op time; run it with --device cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    sync = synchronizer(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     t_start = time.perf_counter()
     if args.threads:
@@ -289,11 +338,11 @@ def main(argv: list[str] | None = None) -> int:
               "OMP_WAIT_POLICY unset: libgomp's spinning barriers stall every op while a thread waits for a "
               "core; the numbers measure the scheduler more than the model", file=sys.stderr)
 
-    method = build()
+    method = build(model=args.model).to(device)
     sampler = SphereSampler(SphereSamplerConfig(cfg_position="combo"))
     b = args.batch
-    labels = torch.arange(b) % DATA.num_classes
-    peak = Peak()
+    labels = (torch.arange(b) % DATA.num_classes).to(device)
+    peak = Peak(device=device, dtype=dtype)
     for _ in range(3):  # warm the BLAS and the clocks
         peak()
     peak.samples.clear()
@@ -306,11 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     samplers: dict[tuple[int, float], Callable[[], Any]] = {}
     for steps, guidance in ((1, 1.0), (4, 1.0), (1, args.guidance), (4, args.guidance)):
         per_image = count_sampling_flops(sampler, method, steps, guidance).total
-        gen = torch.Generator()
+        gen = torch.Generator(device=device)
 
         def run(steps=steps, guidance=guidance, gen=gen):
             gen.manual_seed(0)
-            sampler.sample(method, labels, steps, guidance, generator=gen)
+            with autocast():
+                sampler.sample(method, labels, steps, guidance, generator=gen)
+            sync()
 
         samplers[(steps, guidance)] = run
         cfg = f" cfg {guidance:g}" if guidance > 1 else ""
@@ -326,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
         params = [p for g in groups for p in g["params"]]
         g = torch.Generator().manual_seed(1)
-        x = torch.rand(b, DATA.channels, DATA.image_size, DATA.image_size, generator=g) * 2 - 1
+        x = (torch.rand(b, DATA.channels, DATA.image_size, DATA.image_size, generator=g) * 2 - 1).to(device)
 
         def forward_backward():
-            loss, _ = method.loss(x, labels)
+            with autocast():
+                loss, _ = method.loss(x, labels)
             loss.backward()
 
         def train_step():
@@ -337,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync()
 
         step_flops = count_train_flops(forward_backward)
         opt.zero_grad(set_to_none=True)
@@ -370,15 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         "peak_gflops_min": min(peak.samples),
         "peak_gflops_max": max(peak.samples),
         "wall_s": time.perf_counter() - t_start,
-        "config": "SphereEncoderConfig.tiny() at 32 px, 10 classes; sampler combo, cache noise, r = 1",
+        "config": f"{args.model} at 32 px, 10 classes; sampler combo, cache noise, r = 1",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": args.dtype,
+        "peak_n": peak.n,
     }
 
-    print(f"Sphere Encoder tiny, batch {b}, fp32, {threads} thread(s), torch {torch.__version__}, "
+    where = meta["device"] if device.type == "cuda" else f"{threads} CPU thread(s)"
+    print(f"Sphere Encoder {args.model}, batch {b}, {args.dtype}, {where}, torch {torch.__version__}, "
           f"OMP_WAIT_POLICY={omp_policy}")
     print(f"load average (1/5/15 min): before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cores; "
           f"{others:g} other runnable task(s) at start")
-    print(f"matmul peak ({PEAK_N}² fp32 mm, {threads} thread(s)): median {peak_all:.1f} GFLOP/s "
+    print(f"matmul peak ({peak.n}² {args.dtype} mm, {where}): median {peak_all:.1f} GFLOP/s "
           f"(min {meta['peak_gflops_min']:.1f}, max {meta['peak_gflops_max']:.1f}, n = {len(peak.samples)})")
     header = (f"{'workload':<28} {'NFE':>4} {'rate':>14} {'GFLOP/unit':>11} {'GFLOP/s':>8} "
               f"{'peak':>6} {'of peak':>8} {'n':>3}")

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from spheregen.config import Component, component_field, make_component
 from spheregen.interfaces import BuildContext
+from spheregen.logs import to_floats
 
 from .common import LatentMethod, TimeSampling, build_latent_denoiser, positive, sample_unit_time, unit_fraction
 
@@ -143,7 +144,7 @@ class MeanFlow(LatentMethod):
         sq = ((u - target) ** 2).flatten(1).sum(dim=1)
         weight = 1.0 / (sq.detach() + self.cfg.adaptive_c) ** self.cfg.adaptive_p
         loss = (weight * sq).mean()
-        return loss, {"loss": loss.item(), "mse": sq.mean().item() / x[0].numel()}
+        return loss, to_floats({"loss": loss, "mse": sq.mean() / x[0].numel()})
 
 
 def build_meanflow(cfg: MeanFlowConfig, ctx: BuildContext) -> MeanFlow:

@@ -29,14 +29,16 @@ Embeddings, named by ``embedding``:
 
 For sharded evaluation: :meth:`CMMD.extract` turns images into features batch by batch
 in order (so batch-aligned shards concatenated equal the whole), :meth:`CMMD.score`
-scores gathered features, and ``compute = score(extract(samples), reference features)``
-with the reference's features kept in memory for the next call.
+scores gathered features, and ``compute = score(extract(samples), reference features)``.
+The extractor instance is the one FID/KID use for the same network and weights, and the
+reference's embeddings are cached like theirs: in memory and on disk under
+``<cache_dir>/features/`` (CLIP ViT-L/14-336 embeds a 50k reference once, not at every
+``evaluate``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -44,14 +46,20 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_clip import MODEL_METADATA, MODEL_URLS, FeatureExtractorCLIP
-from torch_fidelity.utils import create_feature_extractor
 
 from spheregen.errors import WeightsError
 from spheregen.interfaces import MetricContext
 from spheregen.weights import find_hub_file, hub_checkpoints_dir
 from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
-from spheregen_plugins.metrics.fidelity import FeatureSpace, check_images, resolve_features
+from spheregen_plugins.metrics.fidelity import (
+    FeatureSpace,
+    ReferenceCache,
+    check_images,
+    extract_layers,
+    resolve_features,
+    shared_extractor,
+)
 
 FEATURES_KEY = "embeddings"
 CLIP_LAYER = "clip"
@@ -160,39 +168,25 @@ class CMMD:
         self.cfg = cfg
         self.ctx = ctx
         self.device = torch.device(ctx.device)
-        self.space, layer, digest = resolve_embedding(cfg, ctx)
+        self.space, self.layer, digest = resolve_embedding(cfg, ctx)
         self.features = self.space.name
         self.feature_info = self.space.info
         # batch size included: features are bit-exact only for equal batch composition
-        self.feature_key = f"{self.space.extractor}:{layer}:{digest}:b{cfg.batch_size}"
+        self.feature_key = f"{self.space.extractor}:{self.layer}:{digest}:b{cfg.batch_size}"
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         self.keys: tuple[str, ...] = ("cmmd",) + ((self.accuracy_key,) if self.space.accuracy is not None else ())
-        with warnings.catch_warnings():
-            # torch-fidelity reads OpenAI's CLIP files with torch.jit.load, which recent torch
-            # flags as deprecated on every build; nothing for a user to act on
-            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=FutureWarning)
-            self.extractor = create_feature_extractor(
-                self.space.extractor,
-                [layer],
-                cuda=False,
-                feature_extractor_weights_path=str(self.space.weights_path),
-                verbose=False,
-            ).to(self.device)
+        self.extractor = shared_extractor(self.space, self.device)
         model = self.extractor.model
         self.dim = model.visual.output_dim if isinstance(self.extractor, FeatureExtractorCLIP) else model.feature_dim
-        self._reference_memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}  # by tensor identity
+        self._references = ReferenceCache(ctx, f"cmmd-{self.space.cache_tag}-{self.layer}-{digest}-b{cfg.batch_size}",
+                                          lambda images: self.extract(images))
 
-    @torch.no_grad()
     def extract(self, images: Tensor) -> dict[str, Tensor]:
         """uint8 N×C×H×W -> {"embeddings": float32 N×D on the CPU}, raw (normalised in
         :meth:`score`), in batches of ``cfg.batch_size`` taken in order."""
         images = check_images("images", images)
-        out = [torch.empty(0, self.dim)]
-        for i in range(0, len(images), self.cfg.batch_size):
-            x = images[i : i + self.cfg.batch_size].to(self.device)
-            (features,) = self.extractor(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
-            out.append(features.float().cpu())
-        return {FEATURES_KEY: torch.cat(out)}
+        layers = extract_layers(self.extractor, images, self.cfg.batch_size, self.device)
+        return {FEATURES_KEY: layers.get(self.layer, torch.empty(0, self.dim)).float()}
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor]) -> dict[str, float]:
         """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""
@@ -219,14 +213,8 @@ class CMMD:
         return self.score(self.extract(samples), self.reference_features(reference))
 
     def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
-        """:meth:`extract` of the reference, kept for the next call with the same tensor
-        (an in-place change bumps its version and forces a new extraction)."""
-        memo = self._reference_memo.get(id(reference))
-        if memo is not None and memo[0] is reference and memo[1] == reference._version:
-            return memo[2]
-        features = self.extract(reference)
-        self._reference_memo[id(reference)] = (reference, reference._version, features)
-        return features
+        """:meth:`extract` of the reference, cached in memory and on disk (:class:`ReferenceCache`)."""
+        return self._references(reference)
 
     def _embeddings(self, name: str, features: dict[str, Tensor]) -> Tensor:
         x = features.get(FEATURES_KEY) if isinstance(features, dict) else None

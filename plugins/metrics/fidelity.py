@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import attrs
 import threadpoolctl
@@ -105,9 +106,60 @@ def _extractor(name: str, weights_path: str, device: str) -> torch.nn.Module:
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layers = list(cls.get_provided_features_list())
     dev = torch.device(device)
-    net = create_feature_extractor(name, layers, cuda=False, feature_extractor_weights_path=weights_path,
-                                   verbose=False)
+    with warnings.catch_warnings():
+        # torch-fidelity reads OpenAI's CLIP files with torch.jit.load, which recent torch
+        # flags as deprecated on every build; nothing for a user to act on
+        warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=FutureWarning)
+        net = create_feature_extractor(name, layers, cuda=False, feature_extractor_weights_path=weights_path,
+                                       verbose=False)
     return net.to(dev).eval()
+
+
+def shared_extractor(space: FeatureSpace, device: torch.device | str) -> torch.nn.Module:
+    """The one extractor instance of ``space`` on ``device`` (every layer it provides)."""
+    return _extractor(space.extractor, str(space.weights_path), str(device))
+
+
+@torch.no_grad()
+def extract_layers(net: torch.nn.Module, images: Tensor, batch_size: int, device: torch.device | str) -> dict[str, Tensor]:
+    """uint8 N×C×H×W -> {layer: float N×D on the CPU} for every layer ``net`` provides, in
+    batches of ``batch_size`` taken in order (so batch-aligned shards concatenate to
+    exactly the whole); grayscale is replicated to RGB. No images: an empty dict."""
+    parts: dict[str, list[Tensor]] = {}
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        feats = net.convert_features_tuple_to_dict(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x))
+        for k, v in feats.items():
+            parts.setdefault(k, []).append(v.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class ReferenceCache:
+    """A metric's features of its reference images: in memory by tensor identity (same
+    tensor, same version: an in-place change re-extracts), and on disk as
+    ``<cache_dir>/features/spheregen-ref-<dataset>-<content digest>-<tag>.pt``, so a
+    reference is extracted once across evaluations. ``tag`` must name everything the
+    features depend on besides the images (feature space, weights, layers, batch size).
+    One instance can hold several references (gFID's train split and rFID's test split)."""
+
+    def __init__(self, ctx: MetricContext, tag: str, extract: Callable[[Tensor], dict[str, Tensor]]):
+        self.ctx, self.tag, self.extract = ctx, tag, extract
+        self._memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}
+
+    def __call__(self, reference: Tensor) -> dict[str, Tensor]:
+        memo = self._memo.get(id(reference))
+        if memo is not None and memo[0] is reference and memo[1] == reference._version:
+            return memo[2]
+        dataset = domain_classifier.slug(self.ctx.dataset_key)
+        name = f"spheregen-ref-{dataset}-{content_digest(reference)}-{self.tag}"
+        path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
+        if path.is_file():
+            features = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            features = self.extract(reference)
+            atomic_write(path, lambda p: torch.save(features, p))
+        self._memo[id(reference)] = (reference, reference._version, features)
+        return features
 
 
 class FidelityMetric:
@@ -138,24 +190,15 @@ class FidelityMetric:
         self.layer = FEATURE_EXTRACTORS_REGISTRY[self.space.extractor].get_default_feature_layer_for_metric(self.FLAG)
         # batch size is part of the identity: features are bit-exact only for equal batches
         self.feature_key = f"{self.space.extractor}:{self.space.cache_tag}:b{cfg.batch_size}"
-        # by tensor identity: one metric scores against the train split (gFID) and the
-        # test split (rFID) in turn, and neither should evict the other
-        self._reference_memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}
+        self._references = ReferenceCache(ctx, f"{self.space.cache_tag}-b{cfg.batch_size}",
+                                          lambda images: self.extract(images))
 
-    @torch.no_grad()
     def extract(self, images: Tensor) -> dict[str, Tensor]:
         """uint8 N×C×H×W -> {layer: float N×D on the CPU} for every layer the extractor
-        provides, in batches of ``cfg.batch_size`` taken in order (so batch-aligned
-        shards concatenate to exactly the whole)."""
+        provides (:func:`extract_layers`, batches of ``cfg.batch_size``)."""
         images = check_images("images", images)
-        net = _extractor(self.space.extractor, str(self.space.weights_path), str(self.ctx.device))
-        parts: dict[str, list[Tensor]] = {}
-        for i in range(0, len(images), self.cfg.batch_size):
-            x = images[i:i + self.cfg.batch_size].to(self.ctx.device)
-            feats = net.convert_features_tuple_to_dict(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x))
-            for k, v in feats.items():
-                parts.setdefault(k, []).append(v.cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+        net = shared_extractor(self.space, self.ctx.device)
+        return extract_layers(net, images, self.cfg.batch_size, self.ctx.device)
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor] | None) -> dict[str, float]:
         """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""
@@ -185,21 +228,8 @@ class FidelityMetric:
         return self.score(self.extract(samples), ref_features)
 
     def reference_features(self, reference: Tensor) -> dict[str, Tensor]:
-        """:meth:`extract` of the reference, cached in memory (same tensor, same version)
-        and on disk under ``<cache_dir>/features/`` by content, dataset and feature space."""
-        memo = self._reference_memo.get(id(reference))
-        if memo is not None and memo[0] is reference and memo[1] == reference._version:
-            return memo[2]
-        dataset = domain_classifier.slug(self.ctx.dataset_key)
-        name = f"spheregen-ref-{dataset}-{content_digest(reference)}-{self.space.cache_tag}-b{self.cfg.batch_size}"
-        path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
-        if path.is_file():
-            features = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            features = self.extract(reference)
-            atomic_write(path, lambda p: torch.save(features, p))
-        self._reference_memo[id(reference)] = (reference, reference._version, features)
-        return features
+        """:meth:`extract` of the reference, cached in memory and on disk (:class:`ReferenceCache`)."""
+        return self._references(reference)
 
     def _score(self, samples: dict[str, Tensor], reference: dict[str, Tensor] | None, n_samples: int,
                n_reference: int) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from spheregen.interfaces import BuildContext, DataSpec
+from spheregen.logs import to_floats
 from spheregen_plugins.sphere_encoder import sphere
 from spheregen_plugins.sphere_encoder.config import SIZES, SphereEncoderConfig, official_patch_size
 from spheregen_plugins.sphere_encoder.losses import distance, latent_consistency, sphere_perceptual
@@ -139,9 +140,7 @@ class SphereEncoder(nn.Module):
             z_again = self.encode_raw(x_big, labels)
             terms["lat_con"] = cfg.lat_con_weight * latent_consistency(z_again, z.detach())
         total = torch.stack(list(terms.values())).sum()
-        # One device-to-host copy for all logs (the terms are logged weighted).
-        values = torch.stack([total, *terms.values()]).detach().float().tolist()
-        return total, dict(zip(["loss", *terms], values))
+        return total, to_floats({"loss": total, **terms})  # the terms are logged weighted
 
     def forward(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         """Same as :meth:`loss`, so a DDP / accelerate wrapper can call the method."""

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from spheregen.config import Component, component_field, make_component
 from spheregen.interfaces import BuildContext
+from spheregen.logs import to_floats
 from spheregen_plugins.baselines.common import LatentMethod, build_latent_denoiser
 
 from . import sphere
@@ -209,9 +210,7 @@ class SphereLatent(LatentMethod):
             "cons_cos": sphere.cosine_loss(pred_big, anchor, cfg.cosine_scope),
         }
         loss = sum(getattr(cfg, k) * t for k, t in terms.items())
-        logs = {k: t.item() for k, t in terms.items()}
-        logs["loss"] = loss.item()
-        return loss, logs
+        return loss, to_floats({**terms, "loss": loss})
 
 
 def build_sphere_latent(cfg: SphereLatentConfig, ctx: BuildContext) -> SphereLatent:

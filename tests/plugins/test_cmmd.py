@@ -206,6 +206,31 @@ def test_compute_is_score_of_extract_with_cached_reference(metric, digits, monke
     assert metric.compute(samples, reference) != expected and calls == [60, 60, 300]
 
 
+def test_reference_embeddings_are_cached_on_disk_and_the_extractor_shared(metric, ctx, digits, monkeypatch):
+    """A new CMMD (the next `evaluate`) reads the reference's embeddings from
+    <cache_dir>/features instead of embedding it again; FID in the same space uses the
+    same extractor instance, and the two caches never share a file."""
+    from pathlib import Path
+
+    from spheregen_plugins.metrics.config import FidConfig
+    from spheregen_plugins.metrics.fidelity import FID, shared_extractor
+
+    reference = digits[0][:150].clone()
+    first = metric.reference_features(reference)
+    again = CMMD(CmmdConfig(**DC), ctx)
+    monkeypatch.setattr(again, "extract", lambda images: pytest.fail("the reference was embedded again"))
+    assert torch.equal(again.reference_features(reference)["embeddings"], first["embeddings"])
+    fid = FID(FidConfig(features="domain-classifier", classifier=CLASSIFIER, batch_size=50), ctx)
+    assert fid.feature_info == metric.feature_info
+    assert shared_extractor(fid.space, ctx.device) is metric.extractor is again.extractor
+    fid_features = fid.reference_features(reference)
+    assert set(fid_features) != {"embeddings"} and torch.equal(
+        fid_features[cmmd.domain_classifier.FEATURE_LAYER], first["embeddings"])
+    names = sorted(p.name for p in (Path(ctx.cache_dir) / "features").iterdir())
+    assert sum(n.startswith("spheregen-ref-") and "-cmmd-" in n for n in names) >= 1
+    assert sum("-cmmd-" not in n for n in names) >= 1
+
+
 def test_scale_and_sigma_are_applied(metric, ctx, digits):
     unscaled = CMMD(CmmdConfig(**DC, scale=1.0), ctx)  # the cached classifier, not retrained
     assert unscaled.feature_key == metric.feature_key
