@@ -135,6 +135,14 @@ class Sampler(Protocol):
     def nfe(self, steps: int, guidance: float = 1.0) -> int: ...
 
 
+def check_steps(steps: Any) -> int:
+    """A sampler's ``steps`` as the contract has it (an int >= 1, not a bool), or a
+    ValueError naming the value."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
 @attrs.frozen(kw_only=True)
 class MetricContext:
     """Passed to metric factories.

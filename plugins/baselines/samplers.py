@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.interfaces import BuildContext
+from spheregen.interfaces import BuildContext, check_steps
 
 from .common import positive, shift_noise_level
 
@@ -50,10 +50,6 @@ def flow_time_grid(steps: int, shift: float = 1.0) -> Tensor:
     level = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     return 1 - shift_noise_level(level, shift)
 
-
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def _passes(guidance: float) -> int:
@@ -105,7 +101,7 @@ class EulerSampler(_FlowSampler):
 
     @torch.no_grad()
     def sample(self, method: Any, labels: Tensor, steps: int, guidance: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        _check_steps(steps)
+        check_steps(steps)
         velocity = _method_fn(method, "velocity", self.name)
         x, labels = self._start(method, labels, generator)
         grid = self._grid(method, steps)
@@ -115,7 +111,7 @@ class EulerSampler(_FlowSampler):
         return method.decode(x).clamp(-1, 1)
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
-        _check_steps(steps)
+        check_steps(steps)
         return steps * _passes(guidance)
 
 
@@ -127,7 +123,7 @@ class HeunSampler(_FlowSampler):
 
     @torch.no_grad()
     def sample(self, method: Any, labels: Tensor, steps: int, guidance: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        _check_steps(steps)
+        check_steps(steps)
         velocity = _method_fn(method, "velocity", self.name)
         x, labels = self._start(method, labels, generator)
         grid = self._grid(method, steps)
@@ -143,7 +139,7 @@ class HeunSampler(_FlowSampler):
         return method.decode(x).clamp(-1, 1)
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
-        _check_steps(steps)
+        check_steps(steps)
         return (2 * steps - 1) * _passes(guidance)
 
 
@@ -157,7 +153,7 @@ class MeanFlowSampler:
 
     @torch.no_grad()
     def sample(self, method: Any, labels: Tensor, steps: int, guidance: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        _check_steps(steps)
+        check_steps(steps)
         u = _method_fn(method, "average_velocity", self.name)
         device = _device(method)
         labels = labels.to(device)
@@ -171,7 +167,7 @@ class MeanFlowSampler:
         return method.decode(z).clamp(-1, 1)
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
-        _check_steps(steps)
+        check_steps(steps)
         return steps * _passes(guidance)
 
 

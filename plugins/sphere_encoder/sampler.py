@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spheregen.interfaces import check_steps
 from spheregen_plugins.sphere_encoder.config import SphereSamplerConfig
 
 
@@ -72,8 +73,7 @@ class SphereSampler:
     ) -> Tensor:
         """labels int64 B -> images B×C×H×W in [-1, 1], in ``nfe(steps, guidance)``
         network passes per image."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_steps(steps)
         if guidance > 1.0 and not method.conditional:
             raise ValueError(
                 f"guidance {guidance} needs a class-conditional model; this Sphere Encoder is "

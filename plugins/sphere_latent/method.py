@@ -68,6 +68,7 @@ from spheregen.config import Component, component_field, make_component
 from spheregen.interfaces import BuildContext
 from spheregen.logs import to_floats
 from spheregen_plugins.baselines.common import LatentMethod, build_latent_denoiser
+from spheregen_plugins.baselines.samplers import guided
 
 from . import sphere
 from .sphere import Distance, Level, NoiseDist, Scope
@@ -152,17 +153,11 @@ class SphereLatent(LatentMethod):
     def denoise(self, v: Tensor, sigma: Tensor | float, labels: Tensor | None, guidance: float = 1.0) -> Tensor:
         """G(v) for spherical latents v (B×D×h×w) at noise σ (B or scalar); with
         ``guidance > 1`` one 2B pass gives ẑ_u + w·(ẑ_c − ẑ_u)."""
-        b = v.shape[0]
-        level = self.level(torch.as_tensor(sigma, dtype=v.dtype, device=v.device).expand(b))
-        if guidance <= 1.0:
-            return self.denoiser(v, level, labels)
-        if labels is None or self.num_classes == 0:
+        level = self.level(torch.as_tensor(sigma, dtype=v.dtype, device=v.device).expand(v.shape[0]))
+        if guidance > 1.0 and (labels is None or self.num_classes == 0):
             raise ValueError("classifier-free guidance > 1 needs a class-conditional model and labels; "
                              "set guidance = 1.0 for unconditional data")
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(v.device)
-        out = self.denoiser(torch.cat([v, v]), torch.cat([level, level]), torch.cat([labels, labels]), drop=drop)
-        cond, uncond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return guided(self.denoiser, v, (level,), labels, guidance)
 
     # ---------------------------------------------------------------- training
 

@@ -37,7 +37,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.interfaces import BuildContext
+from spheregen.interfaces import BuildContext, check_steps
 
 from . import sphere
 from .sphere import Schedule
@@ -60,7 +60,7 @@ class SphereLatentSampler:
         self.cfg = cfg
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
-        _check_steps(steps)
+        check_steps(steps)
         return steps * (2 if guidance > 1 else 1)
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -71,7 +71,7 @@ class SphereLatentSampler:
     def sample(self, method: Any, labels: Tensor, steps: int, guidance: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         """labels: B int64 -> B×C×H×W float images in [-1, 1]."""
-        _check_steps(steps)
+        check_steps(steps)
         device = next(method.denoiser.parameters()).device
         dtype = next(method.denoiser.parameters()).dtype
         shape = (len(labels), *method.latent_shape)
@@ -92,10 +92,6 @@ class SphereLatentSampler:
             v = method.spherify(method.spherify(z_hat) + sigma * noise)
         return method.decode(z_hat).clamp(-1.0, 1.0)
 
-
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def build_sphere_latent_sampler(cfg: SphereLatentSamplerConfig, ctx: BuildContext) -> SphereLatentSampler:

@@ -100,6 +100,9 @@ def test_method_contract(entry, tmp_path):
         a = sampler.sample(method, labels[:3], 2, 1.5, torch.Generator().manual_seed(1))
         b = sampler.sample(method, labels[:3], 2, 1.5, torch.Generator().manual_seed(1))
     assert torch.equal(a, b), "sampling must be deterministic for a fixed generator"
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            sampler.sample(method, labels[:3], bad, 1.0)
 
 
 @pytest.mark.parametrize("entry", entries("sampler"))
