@@ -29,5 +29,5 @@ test-gpu: install
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_sphere_encoder.py --compile
-	$(BIN)/python benchmarks/bench_sphere_encoder.py --model cifar10-base --no-train --batch 8 --quick
+	$(BIN)/python benchmarks/bench_sphere_encoder.py --model cifar10-base --no-train --batch 8 --quick --threads 1
 	$(BIN)/python benchmarks/bench_flops.py

@@ -1,7 +1,7 @@
 """Sphere Encoder (tiny config, SPEC D) speed on this machine, against a matmul peak
 measured in the same run.
 
-Prints, for batch 64 (fp32):
+Prints, by default for the tiny model at batch 64 in fp32 on the CPU:
 
 * sampling images/s at T = 1 and T = 4, without and with CFG 1.2 (``combo``);
 * training steps/s (loss + backward + grad clip 1.0 + AdamW step);
@@ -29,7 +29,7 @@ under ``OMP_WAIT_POLICY=PASSIVE`` and says so in its header; ``--omp-as-is`` opt
     python benchmarks/bench_sphere_encoder.py --threads 1 --profile --json out.json
     python benchmarks/bench_sphere_encoder.py --device cuda --dtype bf16 --model cifar10-base
 
-The weights are the tiny config's init with the zero-initialised tensors (heads, AdaLN,
+The weights are the model's init with the zero-initialised tensors (heads, AdaLN,
 mixer α) filled with N(0, 0.02), so that no branch is trivially zero; speed does not
 depend on the values.
 """
@@ -261,9 +261,10 @@ def _category(op: str) -> str:
 
 def compiled_rows(method, samplers, b, peak, repeats, budget, min_reps, sampler, guidance) -> list[dict[str, Any]]:
     """The sampling rows again with the encoder and decoder compiled by inductor: its
-    C++ kernels fuse the elementwise chains (AdaLN modulation, SwiGLU, RoPE, norms) that
-    eager runs as separate passes, and ``freezing`` folds the weights into constants so
-    linears run as MKL packed GEMMs. Run last: frozen weights must not change after."""
+    kernels (C++ on the CPU, Triton on CUDA) fuse the elementwise chains (AdaLN
+    modulation, SwiGLU, RoPE, norms) that eager runs as separate passes, and ``freezing``
+    folds the weights into constants (on the CPU linears then run as MKL packed GEMMs).
+    Run last: frozen weights must not change after."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True

@@ -100,9 +100,11 @@ def check_images(name: str, images: Any) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _extractor(name: str, weights_path: str, device: str) -> torch.nn.Module:
-    """One feature extractor per (network, weights, device), shared by the metrics
-    that use it (FID, KID, IS and precision/recall need one Inception, not four)."""
+def _extractor(name: str, weights_path: str, device: str, stamp: tuple[int, int]) -> torch.nn.Module:
+    """One feature extractor per (network, weights file, device), shared by the metrics
+    that use it (FID, KID, IS and precision/recall need one Inception, not four).
+    ``stamp`` (the file's size and mtime) is only part of the key: a file replaced at the
+    same path (a retrained classifier) loads anew instead of serving the old weights."""
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layers = list(cls.get_provided_features_list())
     dev = torch.device(device)
@@ -117,7 +119,8 @@ def _extractor(name: str, weights_path: str, device: str) -> torch.nn.Module:
 
 def shared_extractor(space: FeatureSpace, device: torch.device | str) -> torch.nn.Module:
     """The one extractor instance of ``space`` on ``device`` (every layer it provides)."""
-    return _extractor(space.extractor, str(space.weights_path), str(device))
+    stat = Path(space.weights_path).stat()
+    return _extractor(space.extractor, str(space.weights_path), str(device), (stat.st_size, stat.st_mtime_ns))
 
 
 @torch.no_grad()

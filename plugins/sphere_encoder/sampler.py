@@ -47,6 +47,7 @@ class SphereSampler:
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
         """Network passes per image: T decoder + T-1 encoder, each side doubled when guided."""
+        check_steps(steps)
         w_enc, w_dec = self.guidance_weights(guidance)
         return steps * (2 if w_dec != 1.0 else 1) + (steps - 1) * (2 if w_enc != 1.0 else 1)
 

@@ -103,6 +103,8 @@ def test_method_contract(entry, tmp_path):
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             sampler.sample(method, labels[:3], bad, 1.0)
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            sampler.nfe(bad, 1.0)
 
 
 @pytest.mark.parametrize("entry", entries("sampler"))

@@ -226,9 +226,34 @@ def test_reference_embeddings_are_cached_on_disk_and_the_extractor_shared(metric
     fid_features = fid.reference_features(reference)
     assert set(fid_features) != {"embeddings"} and torch.equal(
         fid_features[cmmd.domain_classifier.FEATURE_LAYER], first["embeddings"])
-    names = sorted(p.name for p in (Path(ctx.cache_dir) / "features").iterdir())
-    assert sum(n.startswith("spheregen-ref-") and "-cmmd-" in n for n in names) >= 1
-    assert sum("-cmmd-" not in n for n in names) >= 1
+    from spheregen_plugins.metrics.fidelity import content_digest
+
+    stem = f"spheregen-ref-{cmmd.domain_classifier.slug(ctx.dataset_key)}-{content_digest(reference)}"
+    features = Path(ctx.cache_dir) / "features"
+    # FID's file keeps its pre-CMMD-cache name, CMMD's is its own
+    assert (features / f"{stem}-{fid.space.cache_tag}-b50.pt").is_file()
+    assert len(list(features.glob(f"{stem}-cmmd-{metric.space.cache_tag}-*-b50.pt"))) == 1
+
+
+def test_a_replaced_weights_file_is_loaded_anew(tmp_path, monkeypatch):
+    """The shared extractor is keyed by the file's size and mtime too: a classifier
+    retrained at the same path never serves the old weights under a new cache name."""
+    import os
+
+    import spheregen_plugins.metrics.fidelity as fidelity
+    from spheregen_plugins.metrics.inception import EXTRACTOR
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"old")
+    space = fidelity.FeatureSpace(name="x", extractor=EXTRACTOR, weights_path=path, cache_tag="t", info="x")
+    loads = []
+    monkeypatch.setattr(fidelity, "create_feature_extractor",
+                        lambda name, layers, **kw: loads.append(kw["feature_extractor_weights_path"]) or nn.Identity())
+    a = fidelity.shared_extractor(space, "cpu")
+    assert fidelity.shared_extractor(space, "cpu") is a and loads == [str(path)]
+    path.write_bytes(b"newer")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert fidelity.shared_extractor(space, "cpu") is not a and loads == [str(path)] * 2
 
 
 def test_scale_and_sigma_are_applied(metric, ctx, digits):
