@@ -26,6 +26,29 @@ def no_weight_downloads():
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection, urlopen or torch hub download fails the test."""
+    import socket
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache (TORCH_HOME = tmp_path); returns its checkpoints folder,
+    where every weights lookup (spheregen.weights) looks."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return tmp_path / "hub" / "checkpoints"
+
+
+@pytest.fixture
 def toy_registries():
     """The installed plugins plus the in-process toy plugin (tests/toy_plugin.py)."""
     import toy_plugin

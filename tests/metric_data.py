@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from spheregen.interfaces import DataSpec, MetricContext
+from spheregen_plugins.metrics.config import ClassifierConfig
+
+# the domain classifier every metric test trains once per module (cached in ctx)
+CLASSIFIER = ClassifierConfig(width=16, epochs=3, batch_size=64)
 
 
 def digits_16px() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

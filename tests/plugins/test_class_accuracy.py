@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metric_data import digits_16px, make_ctx
+from metric_data import CLASSIFIER, digits_16px, make_ctx
 from spheregen_plugins.metrics.class_accuracy import ClassAccuracy
-from spheregen_plugins.metrics.config import ClassAccuracyConfig, ClassifierConfig
+from spheregen_plugins.metrics.config import ClassAccuracyConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def metric(tmp_path_factory):
     ctx = make_ctx(digits_16px(), tmp_path_factory.mktemp("class-acc"))
-    return ClassAccuracy(ClassAccuracyConfig(classifier=ClassifierConfig(width=16, epochs=3, batch_size=64)), ctx)
+    return ClassAccuracy(ClassAccuracyConfig(classifier=CLASSIFIER), ctx)
 
 
 def test_real_digits_score_near_the_classifier_accuracy_and_wrong_labels_near_zero(metric):

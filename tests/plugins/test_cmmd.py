@@ -5,8 +5,6 @@ and the metric in the domain-classifier space on sklearn's digits (16×16, offli
 from __future__ import annotations
 
 import math
-import socket
-import urllib.request
 
 import numpy as np
 import pytest
@@ -18,9 +16,9 @@ from spheregen.errors import ConfigError, WeightsError
 from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import cmmd
 from spheregen_plugins.metrics.cmmd import CMMD, mmd2
-from spheregen_plugins.metrics.config import CLIP_MODELS, ClassifierConfig, CmmdConfig
+from metric_data import CLASSIFIER
+from spheregen_plugins.metrics.config import CLIP_MODELS, CmmdConfig
 
-CLASSIFIER = ClassifierConfig(width=16, epochs=3, batch_size=64)
 DC = {"embedding": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 50}
 
 
@@ -32,21 +30,8 @@ def metric(ctx):
     return CMMD(CmmdConfig(**DC), ctx)
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was touched")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    return tmp_path / "hub" / "checkpoints"
 
 
 def numpy_mmd(x: np.ndarray, y: np.ndarray, sigma: float) -> float:

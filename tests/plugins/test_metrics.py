@@ -5,23 +5,20 @@ images shipped with scikit-learn), so nothing is downloaded."""
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from metric_data import make_ctx
+from metric_data import CLASSIFIER, make_ctx
 from spheregen.errors import ConfigError, WeightsError
 from spheregen.interfaces import Metric
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import (
-    ClassifierConfig,
     FidConfig,
     InceptionScoreConfig,
     KidConfig,
@@ -29,7 +26,6 @@ from spheregen_plugins.metrics.config import (
 )
 from spheregen_plugins.metrics.fidelity import FID, KID, InceptionScore, PrecisionRecall
 
-CLASSIFIER = ClassifierConfig(width=16, epochs=3, batch_size=64)
 DC = {"features": "domain-classifier", "classifier": CLASSIFIER, "batch_size": 256}
 
 
@@ -46,14 +42,6 @@ def noisy(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     return (images.float() + sigma * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was touched")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 # ---------------------------------------------------------------- registry and config
@@ -230,19 +218,17 @@ def test_bad_inputs_are_refused(fid, digits):
 # ---------------------------------------------------------------- inception
 
 
-def test_missing_inception_weights_raise_without_network(ctx, tmp_path, monkeypatch, no_network):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+def test_missing_inception_weights_raise_without_network(ctx, empty_hub, no_network):
     with pytest.raises(WeightsError) as err:
         FID(FidConfig(), ctx)
     message = str(err.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in message
     assert "pt_inception-2015-12-05-6726825d.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert str(empty_hub) in message
     assert "https://" in message and 'features = "domain-classifier"' in message
 
 
-def test_local_inception_weights_are_used_not_downloaded(ctx, digits, tmp_path, monkeypatch, no_network):
+def test_local_inception_weights_are_used_not_downloaded(ctx, digits, empty_hub, monkeypatch, no_network):
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
     # a randomly initialised InceptionV3 with torch-fidelity's exact keys stands in for
@@ -251,11 +237,9 @@ def test_local_inception_weights_are_used_not_downloaded(ctx, digits, tmp_path, 
         m.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
         m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
         state = tf_inception.FeatureExtractorInceptionV3(inception.EXTRACTOR, ["2048"]).state_dict()
-    target = tmp_path / "hub" / "checkpoints" / inception.WEIGHT_FILES[1]
+    target = empty_hub / inception.WEIGHT_FILES[1]
     target.parent.mkdir(parents=True)
     torch.save(state, target)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
 
     isc = InceptionScore(InceptionScoreConfig(), ctx)
     assert isc.features == "inception" and isc.space.weights_path == target

@@ -232,12 +232,11 @@ def test_lat_con_weight_zero_and_no_pixel_consistency():
     assert set(logs) == {"loss", "recon_dist"} and torch.isfinite(loss)
 
 
-def test_perceptual_without_vgg_weights_is_a_weights_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def test_perceptual_without_vgg_weights_is_a_weights_error(empty_hub, no_network):
     with pytest.raises(WeightsError) as err:
         tiny(perc_weight=1.0)
     msg = str(err.value)
-    assert "vgg16-397923af.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg and "perc_weight = 0" in msg
+    assert "vgg16-397923af.pth" in msg and str(empty_hub) in msg and "perc_weight = 0" in msg
     with pytest.raises(WeightsError):
         tiny(con_perc_weight=0.5)
 
