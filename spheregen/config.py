@@ -30,8 +30,8 @@ class Component:
     name: str
     config: Any
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **to_dict(self.config)}
+    def to_dict(self, identity: bool = False) -> dict[str, Any]:
+        return {"name": self.name, **to_dict(self.config, identity)}
 
 
 def component_field(kind: str, default: str | None = None) -> Any:
@@ -202,27 +202,35 @@ def _structure_component(kind: str | None, value: Any, path: str, source: str) -
 # ---------------------------------------------------------------- unstructuring
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain data (JSON-able) from configs, components, tuples."""
+def to_dict(obj: Any, identity: bool = False) -> Any:
+    """Plain data (JSON-able) from configs, components, tuples. ``identity``: only what
+    identifies the config (for :func:`config_hash`): fields with metadata
+    ``identity = False`` (declarations that are checked, not used) are left out."""
     if isinstance(obj, Component):
-        return obj.to_dict()
+        return obj.to_dict(identity)
     if attrs.has(type(obj)):
-        # fields marked omit_if_default (added after results existed) stay out of the
-        # dict at their default, so adding them changes no existing config hash
-        return {f.name: to_dict(getattr(obj, f.name)) for f in attrs.fields(type(obj))
-                if f.init and not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default)}
+        return {f.name: to_dict(getattr(obj, f.name), identity) for f in attrs.fields(type(obj))
+                if f.init and not _omitted(f, getattr(obj, f.name), identity)}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, identity) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, identity) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
+def _omitted(field: attrs.Attribute, value: Any, identity: bool) -> bool:
+    # fields marked omit_if_default (added after results existed) stay out of the dict at
+    # their default, so adding them changes no existing config hash
+    if field.metadata.get("omit_if_default") and value == field.default:
+        return True
+    return identity and field.metadata.get("identity") is False
+
+
 def config_hash(obj: Any) -> str:
-    """A short, stable hash of a config (for caches and result rows)."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    """A short, stable hash of what identifies a config (for caches and result rows)."""
+    blob = json.dumps(to_dict(obj, identity=True), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 import torch
 from PIL import Image
@@ -138,7 +137,7 @@ class Data:
     def key(self) -> str:
         # num_classes is a declaration checked against the source, not a preprocessing
         # option: declaring it must not invalidate caches keyed by the data
-        return f"{self.source.key}-{config_hash(attrs.evolve(self.cfg, num_classes=None))}"
+        return f"{self.source.key}-{config_hash(self.cfg)}"
 
     @property
     def spec(self) -> DataSpec:

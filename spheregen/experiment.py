@@ -75,7 +75,7 @@ class DataConfig:
     test_fraction: float = attrs.field(default=0.1, validator=_fraction)
     max_examples: int | None = attrs.field(default=None, validator=_positive)
     num_classes: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
-                                          metadata={"omit_if_default": True})
+                                          metadata={"omit_if_default": True, "identity": False})
 
 
 @attrs.frozen(kw_only=True)

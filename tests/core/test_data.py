@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen.config import make_component
+from spheregen.config import config_hash, make_component, to_dict
 from spheregen.data import Data, balanced_labels, prepare_image, to_float, to_uint8
 from spheregen.errors import DataError
 from spheregen.experiment import DataConfig
@@ -79,6 +79,9 @@ def test_declared_num_classes_is_checked_and_keeps_the_data_key():
     declared = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1,
                                num_classes=10), source)
     assert declared.key == plain.key and declared.spec == plain.spec
+    # nor the identity of runs trained on it (run_hash hashes the whole data config)
+    assert config_hash(declared.cfg) == config_hash(plain.cfg)
+    assert to_dict(declared.cfg)["num_classes"] == 10  # the resolved config still shows it
     wrong = Data(DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1, num_classes=3), source)
     with pytest.raises(DataError, match="data.num_classes = 3.*10 classes"):
         _ = wrong.spec
