@@ -21,7 +21,7 @@ def check_vgg16_weights(needed_for: str, alternative: str) -> None:
 
 class Perceptual:
     """LPIPS-VGG16 (the ``lpips`` package, ImageNet VGG backbone + its shipped linear
-    heads) on 3-channel images in [-1, 1], batch mean. Frozen and always in eval mode.
+    heads) on images in [-1, 1] (grayscale replicated to RGB), batch mean. Frozen and always in eval mode.
 
     Deliberately not an ``nn.Module``: its weights stay out of the owner's parameters,
     checkpoints, EMA and ``train()``; it follows the inputs' device on each call.
@@ -41,4 +41,6 @@ class Perceptual:
         ref = next(self.net.parameters())
         if ref.device != pred.device:
             self.net.to(pred.device)
+        if pred.shape[1] == 1:  # VGG reads RGB
+            pred, target = pred.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
         return self.net(pred.float(), target.float()).mean()

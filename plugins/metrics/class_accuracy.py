@@ -44,9 +44,5 @@ class ClassAccuracy:
         if labels is None or len(labels) != len(samples):
             got = "none" if labels is None else len(labels)
             raise ValueError(f"class-accuracy needs one label per sample ({len(samples)}), got {got}")
-        hits = 0
-        for i in range(0, len(samples), self.cfg.batch_size):
-            x = domain_classifier.to_input(samples[i:i + self.cfg.batch_size].to(self.ctx.device))
-            _, logits = self.model(x)
-            hits += int((logits.argmax(1).cpu() == labels[i:i + self.cfg.batch_size].cpu()).sum())
-        return {"class_acc": hits / len(samples), "class_acc_real": self.real_accuracy}
+        accuracy = domain_classifier.classifier_accuracy(self.model, samples, labels.cpu(), self.cfg.batch_size)
+        return {"class_acc": accuracy, "class_acc_real": self.real_accuracy}

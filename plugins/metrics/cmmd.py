@@ -55,6 +55,7 @@ from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
 from spheregen_plugins.metrics.fidelity import (
     FeatureSpace,
     ReferenceCache,
+    ReferenceMemo,
     check_images,
     extract_layers,
     resolve_features,
@@ -69,9 +70,11 @@ CHUNK = 4096  # rows of a kernel block: 4096² float64 = 128 MiB
 # ---------------------------------------------------------------- the estimator
 
 
-def mmd2(x: Tensor, y: Tensor, sigma: float, chunk: int = CHUNK) -> float:
+def mmd2(x: Tensor, y: Tensor, sigma: float, chunk: int = CHUNK, k_yy: float | None = None) -> float:
     """Biased (V-statistic) MMD² of float n×d ``x`` and m×d ``y`` with a Gaussian RBF
     kernel of bandwidth ``sigma``, in float64 on ``x``'s device, in ``chunk``-row blocks.
+    ``k_yy``: :func:`self_kernel_mean` of ``y`` when already known (it depends on the
+    reference alone).
 
     The inputs are used as given (no normalisation, no scale): see the module docstring.
     """
@@ -82,10 +85,15 @@ def mmd2(x: Tensor, y: Tensor, sigma: float, chunk: int = CHUNK) -> float:
     x = x.to(torch.float64)
     y = y.to(device=x.device, dtype=torch.float64)
     gamma = 1.0 / (2.0 * sigma**2)
-    k_xx = _kernel_sum(x, x, gamma, chunk, symmetric=True) / (len(x) * len(x))
-    k_yy = _kernel_sum(y, y, gamma, chunk, symmetric=True) / (len(y) * len(y))
-    k_xy = _kernel_sum(x, y, gamma, chunk, symmetric=False) / (len(x) * len(y))
-    return float(k_xx + k_yy - 2.0 * k_xy)
+    k_xx = self_kernel_mean(x, sigma, chunk)
+    k_yy = self_kernel_mean(y, sigma, chunk) if k_yy is None else k_yy
+    k_xy = float(_kernel_sum(x, y, gamma, chunk, symmetric=False)) / (len(x) * len(y))
+    return k_xx + k_yy - 2.0 * k_xy
+
+
+def self_kernel_mean(x: Tensor, sigma: float, chunk: int = CHUNK) -> float:
+    """1/n² Σ_ij (k(x_i, x_j) − 1) of float64 n×d ``x`` (the k_xx / k_yy term of :func:`mmd2`)."""
+    return float(_kernel_sum(x, x, 1.0 / (2.0 * sigma**2), chunk, symmetric=True)) / (len(x) * len(x))
 
 
 def _kernel_sum(a: Tensor, b: Tensor, gamma: float, chunk: int, symmetric: bool) -> Tensor:
@@ -178,6 +186,7 @@ class CMMD:
         self.extractor = shared_extractor(self.space, self.device)
         model = self.extractor.model
         self.dim = model.visual.output_dim if isinstance(self.extractor, FeatureExtractorCLIP) else model.feature_dim
+        self._reference_kernel = ReferenceMemo()  # k_yy per reference embeddings
         self._references = ReferenceCache(ctx, f"cmmd-{self.space.cache_tag}-{self.layer}-{digest}-b{cfg.batch_size}",
                                           lambda images: self.extract(images))
 
@@ -194,9 +203,11 @@ class CMMD:
         y = self._embeddings("reference_features", reference_features)
         if min(len(x), len(y)) < 2:
             raise ValueError(f"CMMD needs at least 2 images in each set, got {[len(x), len(y)]}")
+        raw_y = y
         x = F.normalize(x.to(self.device, torch.float64), dim=1)
         y = F.normalize(y.to(self.device, torch.float64), dim=1)
-        out = {"cmmd": self.cfg.scale * mmd2(x, y, self.cfg.sigma)}
+        k_yy = self._reference_kernel.get(raw_y, lambda: self_kernel_mean(y, self.cfg.sigma))
+        out = {"cmmd": self.cfg.scale * mmd2(x, y, self.cfg.sigma, k_yy=k_yy)}
         if self.space.accuracy is not None:
             out[self.accuracy_key] = float(self.space.accuracy)
         return out

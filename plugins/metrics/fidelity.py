@@ -165,6 +165,23 @@ class ReferenceCache:
         return features
 
 
+class ReferenceMemo:
+    """Values derived from a reference's features alone (FID's mean and covariance,
+    CMMD's kernel mean over reference pairs), kept per features tensor (the same object,
+    which :class:`ReferenceCache` hands out for one reference), so scoring every method
+    and step count against one reference computes them once."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Tensor, Any]] = {}
+
+    def get(self, features: Tensor, compute: Callable[[], Any]) -> Any:
+        hit = self._memo.get(id(features))
+        if hit is None or hit[0] is not features:
+            hit = (features, compute())
+            self._memo[id(features)] = hit
+        return hit[1]
+
+
 class FidelityMetric:
     """Base of the torch-fidelity metrics: features are extracted here, batch by batch,
     and scored by torch-fidelity's own ``*_featuresdict_to_metric`` functions, so the
@@ -246,10 +263,15 @@ class FID(FidelityMetric):
     KEYS = {"fid": "frechet_inception_distance"}
     PREFIX = "fid"
 
+    def __init__(self, cfg: FeatureMetricConfig, ctx: MetricContext):
+        super().__init__(cfg, ctx)
+        self._reference_stats = ReferenceMemo()
+
     def _score(self, samples, reference, n_samples, n_reference):
         _at_least("FID", 2, n_samples, n_reference)
-        stats = [fid_featuresdict_to_statistics(f, self.layer) for f in (samples, reference)]
-        return fid_statistics_to_metric(*stats, verbose=False)
+        ref_stats = self._reference_stats.get(reference[self.layer],
+                                              lambda: fid_featuresdict_to_statistics(reference, self.layer))
+        return fid_statistics_to_metric(fid_featuresdict_to_statistics(samples, self.layer), ref_stats, verbose=False)
 
 
 class KID(FidelityMetric):

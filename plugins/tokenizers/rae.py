@@ -553,8 +553,7 @@ def train_decoder(tok: RAETokenizer, cfg: RAEConfig, batches: _Batches, raw: Ten
         rec = tok.decode_unclamped(z)
         loss = cfg.l1_weight * F.l1_loss(rec, x)
         if perceptual is not None:
-            rgb = (lambda t: t.expand(-1, 3, -1, -1)) if x.shape[1] == 1 else (lambda t: t)
-            loss = loss + cfg.lpips_weight * perceptual(rgb(rec), rgb(x))
+            loss = loss + cfg.lpips_weight * perceptual(rec, x)
         return loss
 
     tok.decoder.train()

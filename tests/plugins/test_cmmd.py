@@ -236,9 +236,21 @@ def test_a_replaced_weights_file_is_loaded_anew(tmp_path, monkeypatch):
                         lambda name, layers, **kw: loads.append(kw["feature_extractor_weights_path"]) or nn.Identity())
     a = fidelity.shared_extractor(space, "cpu")
     assert fidelity.shared_extractor(space, "cpu") is a and loads == [str(path)]
-    path.write_bytes(b"newer")
+    path.write_bytes(b"new")  # same size: a retrained classifier of the same architecture
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert fidelity.shared_extractor(space, "cpu") is not a and loads == [str(path)] * 2
+
+
+def test_reference_kernel_mean_is_computed_once_per_reference(ctx, digits, monkeypatch):
+    fresh = CMMD(CmmdConfig(**DC), ctx)
+    reference = digits[0][:200]
+    sets = [noise(digits[2][:60], s) for s in (1, 2)]
+    expected = [fresh.score(fresh.extract(x), fresh.extract(reference))["cmmd"] for x in sets]
+    sizes = []
+    kernel = cmmd.self_kernel_mean
+    monkeypatch.setattr(cmmd, "self_kernel_mean", lambda x, sigma, *a: sizes.append(len(x)) or kernel(x, sigma, *a))
+    got = [fresh.compute(x, reference)["cmmd"] for x in sets]
+    assert got == pytest.approx(expected, rel=1e-12) and sizes == [200, 60, 60]  # the reference's once
 
 
 def test_scale_and_sigma_are_applied(metric, ctx, digits):

@@ -153,6 +153,22 @@ def test_scores_are_deterministic_and_reference_features_cached(fid, digits, mon
     assert any(name.startswith("spheregen-ref-sklearn-digits-16px-") for name in cached)
 
 
+def test_reference_statistics_are_computed_once_per_reference(fid, digits, monkeypatch):
+    from spheregen_plugins.metrics import fidelity
+
+    reference, other = digits[0][:300], digits[0][300:600]
+    expected = [fid.compute(noisy(digits[2][:80], s), reference)["fid"] for s in (10, 40)]
+    sizes = []
+    stats = fidelity.fid_featuresdict_to_statistics
+    monkeypatch.setattr(fidelity, "fid_featuresdict_to_statistics",
+                        lambda f, layer: sizes.append(len(f[layer])) or stats(f, layer))
+    fid.reference_features(other)
+    fresh = fidelity.FID(fid.cfg, fid.ctx)  # an empty memo
+    got = [fresh.compute(noisy(digits[2][:80], s), reference)["fid"] for s in (10, 40)]
+    assert got == expected and sizes == [300, 80, 80]  # the reference's mean/covariance once
+    assert fresh.compute(noisy(digits[2][:80], 10), other)["fid"] != got[0] and sizes[3:] == [300, 80]
+
+
 def test_reference_changed_in_place_is_rehashed(ctx, digits):
     fid = FID(FidConfig(**DC), ctx)
     reference = digits[0][:200].clone()
