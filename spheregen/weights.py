@@ -28,15 +28,19 @@ def find_hub_file(names: Sequence[str]) -> Path | None:
     return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
-def require_hub_file(name: str, url: str, needed_for: str, alternative: str) -> Path:
-    """The path of ``name`` in the hub cache, or a WeightsError saying what needs it,
-    where it goes, where it comes from (``url``) and the config ``alternative``."""
-    path = find_hub_file([name])
+def require_hub_file(names: str | Sequence[str], url: str, needed_for: str, alternative: str) -> Path:
+    """The path of the first of ``names`` (one file under the names its publishers use)
+    in the hub cache, or a WeightsError saying what needs it, where it goes, where it
+    comes from (``url``, saved as the first name) and the config ``alternative``."""
+    names = [names] if isinstance(names, str) else list(names)
+    path = find_hub_file(names)
     if path is None:
         directory = hub_checkpoints_dir()
+        also = "".join(f" (or the identical '{n}')" for n in names[1:])
         raise WeightsError(
-            f"{needed_for} needs the weights file '{name}', which is not in {directory} (the torch hub cache: "
-            f"$TORCH_HOME/hub/checkpoints). With a network, download it there: curl -L -o {directory / name} "
-            f"{url} . Or {alternative}; nothing is downloaded at run time"
+            f"{needed_for} needs the weights file '{names[0]}'{also}, which is not in {directory} (the torch hub "
+            f"cache: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints). With a network, "
+            f"download it there: curl -L -o {directory / names[0]} {url} . Or {alternative}; nothing is "
+            f"downloaded at run time"
         )
     return path

@@ -20,8 +20,12 @@ def no_weight_downloads():
     def refuse(url, *args, **kwargs):
         raise AssertionError(f"a test tried to download {url}: check the local file first and raise WeightsError")
 
+    import timm.models._hub
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.hub, "download_url_to_file", refuse)
+        # timm binds its own reference at import
+        mp.setattr(timm.models._hub, "download_url_to_file", refuse)
         yield
 
 

@@ -47,9 +47,8 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_clip import MODEL_METADATA, MODEL_URLS, FeatureExtractorCLIP
 
-from spheregen.errors import WeightsError
 from spheregen.interfaces import MetricContext
-from spheregen.weights import find_hub_file, hub_checkpoints_dir
+from spheregen.weights import require_hub_file
 from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
 from spheregen_plugins.metrics.fidelity import (
@@ -122,19 +121,11 @@ def clip_weight_files(model: str) -> tuple[str, str]:
 def find_clip_weights(model: str) -> Path:
     """The local CLIP weights of ``model`` in the torch hub cache, where torch-fidelity's
     download would put them, or a WeightsError saying how to get them."""
-    directory = hub_checkpoints_dir()
-    names = clip_weight_files(model)
-    path = find_hub_file(names)
-    if path is not None:
-        return path
-    raise WeightsError(
-        f"embedding = \"clip\" with clip_model = \"{model}\" needs torch-fidelity's CLIP weights file "
-        f"'{names[0]}' (or OpenAI's identical '{names[1]}', e.g. from ~/.cache/clip), which is not in "
-        f"{directory} (the torch hub cache: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints). "
-        f"With a network, download it there: curl -L -o {directory / names[0]} {MODEL_URLS[model]} . "
-        f"Offline, set embedding = \"domain-classifier\" in the cmmd config: a classifier spheregen trains "
-        f"on the experiment's labelled data, reported as its own feature space (CMMD[domain-classifier]), "
-        f"not comparable with published CMMD numbers."
+    return require_hub_file(
+        clip_weight_files(model), MODEL_URLS[model], f'embedding = "clip" with clip_model = "{model}"',
+        'set embedding = "domain-classifier" in the cmmd config: a classifier spheregen trains on the '
+        "experiment's labelled data, reported as its own feature space (CMMD[domain-classifier]), not "
+        "comparable with published CMMD numbers",
     )
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from spheregen.errors import WeightsError
-from spheregen.weights import find_hub_file, hub_checkpoints_dir
+from spheregen.weights import require_hub_file
 
 EXTRACTOR = "inception-v3-compat"
 # torch-fidelity's own file name (what its download would write), then pytorch-fid's name
@@ -25,16 +24,9 @@ WEIGHT_FILES = (os.path.basename(URL_INCEPTION_V3), "pt_inception-2015-12-05-672
 
 def find_inception_weights() -> Path:
     """The local InceptionV3 weights file, or a WeightsError saying how to get it."""
-    directory = hub_checkpoints_dir()
-    path = find_hub_file(WEIGHT_FILES)
-    if path is not None:
-        return path
-    raise WeightsError(
-        f"features = \"inception\" needs torch-fidelity's InceptionV3 weights file "
-        f"'{WEIGHT_FILES[0]}' (or the identical '{WEIGHT_FILES[1]}'), which is not in {directory} "
-        f"(the torch hub cache: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints). "
-        f"With a network, download it there: curl -L -o {directory / WEIGHT_FILES[0]} {URL_INCEPTION_V3} . "
-        f"Offline, set features = \"domain-classifier\" in this metric's config: a classifier spheregen "
-        f"trains on the experiment's labelled data, reported as its own feature space "
-        f"(FID[domain-classifier]), not comparable with published Inception numbers."
+    return require_hub_file(
+        WEIGHT_FILES, URL_INCEPTION_V3, 'features = "inception"',
+        'set features = "domain-classifier" in this metric\'s config: a classifier spheregen trains on the '
+        "experiment's labelled data, reported as its own feature space (FID[domain-classifier]), not comparable "
+        "with published Inception numbers",
     )

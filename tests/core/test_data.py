@@ -87,21 +87,27 @@ def test_declared_num_classes_is_checked_and_keeps_the_data_key():
         _ = wrong.spec
 
 
-def test_weights_lookup_never_downloads(tmp_path, monkeypatch):
-    """A missing file is a WeightsError naming it, its folder, its URL and the alternative;
-    the downloader behind torchvision/lpips/torch-fidelity is refused in every test."""
+def test_weights_lookup_never_downloads(empty_hub, tmp_path):
+    """A missing file is a WeightsError naming it (and its other published names), its
+    folder, its URL and the alternative; the session guard (tests/conftest.py) refuses
+    the downloaders behind torchvision/lpips/torch-fidelity and timm in every test."""
+    import timm.models._hub
     import torch
 
     from spheregen.errors import WeightsError
     from spheregen.weights import require_hub_file
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError) as err:
-        require_hub_file("w.pth", "https://example.invalid/w.pth", "the thing", "set thing = 0")
+        require_hub_file(["w.pth", "w-alias.pth"], "https://example.invalid/w.pth", "the thing", "set thing = 0")
     msg = str(err.value)
-    assert all(s in msg for s in ("'w.pth'", str(tmp_path / "hub" / "checkpoints"), "example.invalid", "thing = 0"))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / "w.pth").write_bytes(b"x")
-    assert require_hub_file("w.pth", "u", "t", "a") == tmp_path / "hub" / "checkpoints" / "w.pth"
+    assert all(s in msg for s in ("'w.pth' (or the identical 'w-alias.pth')", str(empty_hub), "example.invalid",
+                                  "thing = 0"))
+    empty_hub.mkdir(parents=True)
+    (empty_hub / "w-alias.pth").write_bytes(b"x")
+    assert require_hub_file(["w.pth", "w-alias.pth"], "u", "t", "a") == empty_hub / "w-alias.pth"
+    (empty_hub / "w.pth").write_bytes(b"x")
+    assert require_hub_file("w.pth", "u", "t", "a") == empty_hub / "w.pth"
     with pytest.raises(AssertionError, match="tried to download"):
-        torch.hub.load_state_dict_from_url("https://example.invalid/other.pth", model_dir=str(tmp_path))
+        torch.hub.load_state_dict_from_url("https://example.invalid/other.pth", model_dir=str(tmp_path / "m"))
+    with pytest.raises(AssertionError, match="tried to download"):
+        timm.models._hub.download_cached_file("https://example.invalid/other.pth")

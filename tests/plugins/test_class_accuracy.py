@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metric_data import CLASSIFIER, digits_16px, make_ctx
+from metric_data import CLASSIFIER
 from spheregen_plugins.metrics.class_accuracy import ClassAccuracy
 from spheregen_plugins.metrics.config import ClassAccuracyConfig
 
@@ -13,13 +13,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def metric(tmp_path_factory):
-    ctx = make_ctx(digits_16px(), tmp_path_factory.mktemp("class-acc"))
+def metric(ctx):
     return ClassAccuracy(ClassAccuracyConfig(classifier=CLASSIFIER), ctx)
 
 
-def test_real_digits_score_near_the_classifier_accuracy_and_wrong_labels_near_zero(metric):
-    _, _, x, y = digits_16px()
+def test_real_digits_score_near_the_classifier_accuracy_and_wrong_labels_near_zero(metric, digits):
+    _, _, x, y = digits
     right = metric.compute(x, None, labels=y)
     assert right["class_acc"] > 0.8 and right["class_acc_real"] > 0.8
     assert right["class_acc"] == pytest.approx(right["class_acc_real"])  # the same held-out split
