@@ -128,7 +128,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
     ws = _workspace(args)
     rows = experiment_flops(ws, args.method, args.steps)
-    print(json.dumps(rows, indent=2) if args.json else format_flops_table(rows))
+    say(json.dumps(rows, indent=2) if args.json else format_flops_table(rows))
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -232,10 +232,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: list[tuple[str, Any]],
-                       device: torch.device) -> dict[str, Any] | None:
+                       device: torch.device, identity: tuple[str, str] | None) -> dict[str, Any] | None:
     """rFID (the experiment's FID metrics, same features as gFID) and PSNR of the
-    method's tokenizer on the held-out test split: FID(reconstructions, originals)."""
-    identity = tokenizer_identity(ws, entry, method)
+    method's tokenizer (``identity``: :func:`tokenizer_identity`) on the held-out test
+    split: FID(reconstructions, originals)."""
     test = ws.data.test
     if identity is None or len(test.images) == 0:
         return None
@@ -246,9 +246,9 @@ def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: 
         return to_uint8(method.reconstruct(x, test.labels[i * b:(i + 1) * b].to(device))).cpu()
 
     parts = distributed.map_batches(-(-len(test.images) // b), one)
-    recon = torch.cat(parts) if parts is not None else torch.zeros(0, dtype=torch.uint8)
-    if not distributed.is_main():
+    if parts is None:  # not the main process
         return None
+    recon = torch.cat(parts)
     # the main process alone holds the reconstructions: scored there, unsharded (once
     # per tokenizer, not per step count)
     fids = [(n, m) for n, m in metrics if "fid" in m.keys]
@@ -261,16 +261,16 @@ def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: 
 
 
 def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, Any]], reference: torch.Tensor,
-                   device: torch.device, method: Any = None) -> list[dict[str, Any]]:
-    method = method if method is not None else load_trained(ws, entry, ws.exp.eval.use_ema, device)
+                   device: torch.device, method: Any) -> list[dict[str, Any]]:
     sampler = ws.build_sampler(entry, method)
+    sampler_name = ws.sampler_name(entry, method)
     params = flops.count_params(method)
     base = {
         "experiment": ws.exp.name,
         "dataset": ws.data.source.key,
         "method": entry.name,
         "method_plugin": entry.method.name,
-        "sampler": ws.sampler_name(entry, method),
+        "sampler": sampler_name,
         "guidance": entry.guidance,
         "params": params.total,
         "trainable_params": params.trainable,
@@ -278,7 +278,7 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
         "images_seen": entry.train.steps * entry.train.batch_size * entry.train.grad_accum,
         "config_hash": config_hash(entry),
         "provider": _provider("method", entry.method.name),
-        "plugin_versions": plugin_versions(ws, entry, ws.sampler_name(entry, method)),
+        "plugin_versions": plugin_versions(ws, entry, sampler_name),
         "spheregen_version": importlib.metadata.version("spheregen"),
     }
     rows = []
@@ -314,15 +314,16 @@ def _tokenizer_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.from_dicts(list(merged.values()), infer_schema_length=None)
 
 
-def _with_old_users(path: Path, rows: list[dict[str, Any]], keep: list[str]) -> list[dict[str, Any]]:
+def _with_old_users(old_file: pl.DataFrame | None, rows: list[dict[str, Any]], keep: list[str]
+                    ) -> list[dict[str, Any]]:
     """``rows`` plus, for each tokenizer re-scored now, a row per method of the old file
     that used it and is still in the experiment (evaluating one method of three that
     share a tokenizer must not drop the other two from its "used by")."""
-    if not path.is_file():
+    if old_file is None:
         return rows
     fresh = {r["config_hash"]: r for r in rows}
     extra = []
-    for old in pl.read_parquet(path).iter_rows(named=True):
+    for old in old_file.iter_rows(named=True):
         if old["config_hash"] in fresh:
             for name in str(old["methods"]).split(", "):
                 if name in keep:
@@ -339,9 +340,10 @@ def write_results(ws: Workspace, rows: list[dict[str, Any]], tokenizer_rows: lis
     atomic_write(path, lambda p: frame.write_parquet(p))
     if tokenizer_rows:
         tok_path = report / "tokenizers.parquet"
-        tokens = _tokenizer_frame(_with_old_users(tok_path, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
-        if tok_path.is_file():
-            old = pl.read_parquet(tok_path).filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
+        old_file = pl.read_parquet(tok_path) if tok_path.is_file() else None
+        tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
+        if old_file is not None:  # tokenizers not re-scored now keep their rows
+            old = old_file.filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
         atomic_write(tok_path, lambda p: tokens.write_parquet(p))
     atomic_write_json(report / "config.resolved.json", {
@@ -367,7 +369,7 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device, method))
         identity = tokenizer_identity(ws, entry, method)
         if identity not in scored:
-            scored[identity] = reconstruction_row(ws, entry, method, metrics, device)
+            scored[identity] = reconstruction_row(ws, entry, method, metrics, device, identity)
             tokenizer_rows.append(scored[identity])
         elif scored[identity] is not None:
             tokenizer_rows.append({**scored[identity], "methods": entry.name})
