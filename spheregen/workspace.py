@@ -77,16 +77,18 @@ class Workspace:
         where = f"{self.exp.source}: methods '{entry.name}'"
         with torch.device("meta"):
             method = build_component("method", entry.method, ctx, where)
-        sampler = entry.sampler if entry.sampler is not None else method.default_sampler
-        return method, build_component("sampler", sampler, ctx, where)
+        return method, self.build_sampler(entry, method, ctx)
 
     def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
         return build_component("method", entry.method, self.build_context(device),
                                f"{self.exp.source}: methods '{entry.name}'")
 
-    def build_sampler(self, entry: MethodEntry, method: Any) -> Any:
+    def build_sampler(self, entry: MethodEntry, method: Any, ctx: BuildContext | None = None) -> Any:
+        """The entry's sampler, or the method's default one (``ctx``: the build context,
+        default :meth:`build_context`)."""
         sampler = entry.sampler if entry.sampler is not None else method.default_sampler
-        return build_component("sampler", sampler, self.build_context(), f"{self.exp.source}: methods '{entry.name}'")
+        return build_component("sampler", sampler, ctx or self.build_context(),
+                               f"{self.exp.source}: methods '{entry.name}'")
 
     def sampler_name(self, entry: MethodEntry, method: Any) -> str:
         return entry.sampler.name if entry.sampler is not None else method.default_sampler

@@ -30,7 +30,16 @@ def test_flops_command_matches_paper_tables(name, capsys):
         assert row["gflops_true"] > row["gflops_paper"]
 
 
-def test_flops_command_table_and_declared_classes(tmp_path, capsys):
+def test_flops_command_plain_table(capsys):
+    assert main(["flops", str(PAPER / "animal_faces.toml"), "--steps", "2", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["method", "steps", "NFE"] and set(lines[1]) == {"-"}
+    cells = [line.split() for line in lines[2:]]
+    assert [c[1] for c in cells] == ["2", "4"]
+    assert float(cells[1][-2]) == pytest.approx(EXPECTED["animal_faces.toml"][4], rel=0.01)  # paper GFLOPs
+
+
+def test_flops_command_refuses_a_bad_declared_class_count(tmp_path, capsys):
     text = (PAPER / "animal_faces.toml").read_text().replace("num_classes = 3", "num_classes = -1")
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
