@@ -207,18 +207,23 @@ class FidelityMetric:
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         extra = (self.accuracy_key,) if self.space.accuracy is not None else ()
         self.keys: tuple[str, ...] = tuple(self.KEYS) + extra
-        self.layer = FEATURE_EXTRACTORS_REGISTRY[self.space.extractor].get_default_feature_layer_for_metric(self.FLAG)
+        extractor = FEATURE_EXTRACTORS_REGISTRY[self.space.extractor]
+        self.layer = extractor.get_default_feature_layer_for_metric(self.FLAG)
+        # what any metric of this feature space reads (they share one extraction): for
+        # Inception 2048 + logits_unbiased, 3,056 of the 5,088 floats per image it provides
+        self.layers = frozenset(extractor.get_default_feature_layer_for_metric(f) for f in ("fid", "kid", "isc", "prc"))
         # batch size is part of the identity: features are bit-exact only for equal batches
         self.feature_key = f"{self.space.extractor}:{self.space.cache_tag}:b{cfg.batch_size}"
         self._references = ReferenceCache(ctx, f"{self.space.cache_tag}-b{cfg.batch_size}",
                                           lambda images: self.extract(images))
 
     def extract(self, images: Tensor) -> dict[str, Tensor]:
-        """uint8 N×C×H×W -> {layer: float N×D on the CPU} for every layer the extractor
-        provides (:func:`extract_layers`, batches of ``cfg.batch_size``)."""
+        """uint8 N×C×H×W -> {layer: float N×D on the CPU} for the layers the torch-fidelity
+        metrics read (``self.layers``; :func:`extract_layers`, batches of ``cfg.batch_size``)."""
         images = check_images("images", images)
         net = shared_extractor(self.space, self.ctx.device)
-        return extract_layers(net, images, self.cfg.batch_size, self.ctx.device)
+        layers = extract_layers(net, images, self.cfg.batch_size, self.ctx.device)
+        return {k: v for k, v in layers.items() if k in self.layers}
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor] | None) -> dict[str, float]:
         """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""

@@ -260,5 +260,6 @@ def test_local_inception_weights_are_used_not_downloaded(ctx, digits, empty_hub,
     isc = InceptionScore(InceptionScoreConfig(), ctx)
     assert isc.features == "inception" and isc.space.weights_path == target
     assert isc.keys == ("is", "is_std")
+    assert set(isc.extract(digits[2][:2])) == {"2048", "logits_unbiased"}  # not 64/192/768/logits
     scores = isc.compute(digits[2][:4])
     assert set(scores) == {"is", "is_std"} and all(math.isfinite(v) for v in scores.values())
