@@ -1,6 +1,22 @@
-"""spheregen: head-to-head benchmarking of sphere-based image generators."""
+"""spheregen: head-to-head benchmarking of sphere-based image generators.
+
+``spheregen.hookimpl`` marks a plugin's hook implementations; every other name of the
+public toolkit (:mod:`spheregen.api`) is also readable here, e.g. ``spheregen.guided``.
+"""
+
+import importlib
+from typing import Any
 
 from spheregen.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # The toolkit is imported on first use, so `import spheregen` (each plugin module's
+    # first line, the CLI's start) costs pluggy alone.
+    api = importlib.import_module("spheregen.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'spheregen' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from spheregen.errors import SpheregenError
+from spheregen.errors import Preempted, SpheregenError
 from spheregen.experiment import load_experiment
 from spheregen.registry import KINDS
 from spheregen.workspace import Workspace
@@ -29,18 +29,67 @@ def say(*args: Any) -> None:
         print(*args)
 
 
+WORK = ("train", "run", "sample", "evaluate")  # commands that train, sample or score
+
+
 def _workspace(args: argparse.Namespace) -> Workspace:
-    if args.threads:
+    threads = _threads(args.threads)
+    if threads:
         # on a shared CPU, fewer intra-op threads than busy cores avoids OpenMP barrier
         # stalls that can slow small models by an order of magnitude
-        torch.set_num_threads(args.threads)
-    exp = load_experiment(args.experiment)
+        torch.set_num_threads(threads)
+    exp = load_experiment(args.experiment, args.set or ())
     # the accelerate state first: under a multi-GPU launch it gives each process its own
     # GPU (cuda:<local rank>), which every model and metric is then built on
     from spheregen import distributed
 
-    device = torch.device(args.device) if args.device else distributed.state().device
-    return Workspace(exp, args.runs_dir, args.reports_dir, device)
+    device = _device(args.device) if args.device else distributed.state().device
+    ws = Workspace(exp, args.runs_dir, args.reports_dir, device)
+    if args.command in WORK:  # a misfit sampler, an absurd size or an unwritable folder fails before any work
+        ws.check_compatibility()
+        _check_outputs(ws, args.command)
+        from spheregen.resources import check_fits
+
+        check_fits(exp, device)
+    return ws
+
+
+def _threads(value: str | None) -> int:
+    """--threads / SPHEREGEN_THREADS as a positive int (0 or unset: torch's choice)."""
+    value = value if value is not None else os.environ.get("SPHEREGEN_THREADS", "")
+    if value in ("", "0"):
+        return 0
+    if not value.isdigit():
+        raise SpheregenError(f"--threads / SPHEREGEN_THREADS must be a positive integer, got {value!r}; "
+                             "e.g. --threads 1, or unset SPHEREGEN_THREADS for torch's choice")
+    return int(value)
+
+
+def _device(name: str) -> torch.device:
+    """--device, checked: a typo or a CUDA device on a machine without one is an error
+    here, not a traceback after the data was prepared."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SpheregenError(f"--device {name!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise SpheregenError(f"--device {name}: this machine has {count} CUDA device(s); "
+                                 "use --device cpu (or leave --device out: cuda if available, else cpu)")
+    elif device.type not in ("cpu", "mps"):
+        raise SpheregenError(f"--device {name}: spheregen runs on cpu or cuda; use one of those")
+    return device
+
+
+def _check_outputs(ws: Workspace, command: str) -> None:
+    """Output folders writable before any work (a read-only or misdirected reports
+    folder used to be found only after training and scoring)."""
+    from spheregen.paths import check_writable
+
+    check_writable(ws.paths.runs_root, "runs folder (--runs-dir)")
+    if command in ("run", "evaluate"):
+        check_writable(ws.paths.reports_root, "reports folder (--reports-dir)")
 
 
 def _entries(ws: Workspace, names: list[str] | None) -> list[Any]:
@@ -48,6 +97,7 @@ def _entries(ws: Workspace, names: list[str] | None) -> list[Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    from spheregen.compat import fit_table
     from spheregen.plugins import registries
 
     regs = registries()
@@ -56,6 +106,9 @@ def cmd_list(args: argparse.Namespace) -> None:
                 "version": e.provider.version, "doc": e.doc} for e in regs[kind]]
         for kind in KINDS
     }
+    fits = fit_table()
+    for e in table["sampler"]:
+        e["fits"] = fits[e["name"]]
     if args.json:
         print(json.dumps(table, indent=2))
         return
@@ -63,6 +116,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{kind}s:")
         for e in entries:
             print(f"  {e['name']:<22} {e['plugin']:<16} {e['doc']}")
+            if "fits" in e:
+                print(f"  {'':<22} {'':<16} fits methods: {', '.join(e['fits']) or '(none registered)'}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -78,19 +133,30 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from spheregen.evaluation import sample_entry
+    from spheregen.evaluation import sample_entry, samples_current
 
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
+        if args.skip_current and samples_current(ws, entry):
+            say(f"{entry.name}: samples up to date ({ws.paths.sample_dir(entry.name)}); skipping")
+            continue
         for path in sample_entry(ws, entry, ws.device):
             say(f"{entry.name}: {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from spheregen.evaluation import evaluate
+    from spheregen.evaluation import evaluate, results_current
 
     ws = _workspace(args)
-    say(f"results: {evaluate(ws, args.method, ws.device)}")
+    entries = _entries(ws, args.method)
+    if args.skip_current:
+        current = [e.name for e in entries if results_current(ws, e)]
+        for name in current:
+            say(f"{name}: results up to date; skipping")
+        entries = [e for e in entries if e.name not in current]
+        if not entries:
+            return
+    say(f"results: {evaluate(ws, [e.name for e in entries], ws.device)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -107,7 +173,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     entry = ws.exp.method(args.method)
     method = load_trained(ws, entry, ws.exp.eval.use_ema, ws.device)
-    ops = getattr(method, "edit_ops", ())
+    from spheregen.interfaces import EditableMethod, has
+
+    ops = method.edit_ops if has(method, EditableMethod) else ()
     if args.op not in ops:
         raise SpheregenError(f"method '{entry.name}' ({entry.method.name}) supports the edits {list(ops)}, not '{args.op}'")
     print(f"{args.op}: {write_edit_grid(ws, entry, method, args.op, args.n, num=args.num, mode=args.mode)}")
@@ -123,6 +191,23 @@ def cmd_score(args: argparse.Namespace) -> None:
     say(json.dumps(result, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from spheregen.evaluation import expected_samples
+    from spheregen.samples import export_samples
+
+    ws = _workspace(args)
+    out = Path(args.out)
+    for entry in _entries(ws, args.method):
+        sampler = ws.sampler_name(entry, ws.build_architecture(entry)[0])
+        for steps in ws.exp.steps_for(entry):
+            src = ws.paths.samples(entry.name, steps)
+            dest = out / entry.name / f"steps-{steps}"
+            written = export_samples(src, dest, args.format, expected_samples(ws, entry, sampler, steps))
+            say(f"{entry.name} @ {steps}: {written}")
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     from spheregen.flops import experiment_flops, format_flops_table
 
@@ -135,9 +220,51 @@ def cmd_run(args: argparse.Namespace) -> None:
     # Metrics are built first: missing weights or an unusable feature space must fail
     # before an hour of training, not after.
     _workspace(args).build_metrics()
-    args.skip_trained = not (args.resume or args.fresh)
-    for stage in (cmd_train, cmd_sample, cmd_evaluate, cmd_report):
+    # a stage whose inputs did not change is skipped: trained weights of the same run,
+    # sample files of the same identity, result rows of the same weights, samples and metrics
+    args.skip_trained = args.skip_current = not (args.resume or args.fresh)
+    if args.jobs < 1:
+        raise SpheregenError(f"--jobs {args.jobs}: give a number of parallel jobs >= 1")
+    if args.jobs > 1:
+        _parallel_train_and_sample(args)
+        stages = (cmd_evaluate, cmd_report)
+    else:
+        stages = (cmd_train, cmd_sample, cmd_evaluate, cmd_report)
+    for stage in stages:
         stage(args)
+
+
+def _parallel_train_and_sample(args: argparse.Namespace) -> None:
+    """--jobs N: the shared stages here, once (data, tokenizers and feature extractors
+    fitted at build time), then one submitit job per method (spheregen.parallel)."""
+    import torch
+
+    from spheregen import parallel
+
+    ws = _workspace(args)
+    entries = _entries(ws, args.method)
+    for entry in entries:  # fits and caches what a method builds at build time, before the jobs read it
+        ws.build_method(entry, torch.device("cpu"))
+    threads = _threads(args.threads) or max(1, len(parallel.core_shares(args.jobs)[-1]))
+    specs = {e.name: parallel.JobSpec(experiment=args.experiment, overrides=tuple(args.set or ()),
+                                      runs_dir=str(ws.paths.runs_root), reports_dir=str(ws.paths.reports_root),
+                                      method=e.name, threads=threads, device=args.device, resume=args.resume,
+                                      fresh=args.fresh) for e in entries}
+    gpus = list(range(torch.cuda.device_count()))[:args.jobs] if ws.device.type == "cuda" and args.launcher == "local" \
+        else None
+    options = {"partition": args.partition, "time_min": args.time_min, "gpus": args.gpus_per_job,
+               "cpus": args.cpus_per_job}
+    executor = parallel.make_executor(args.launcher, ws.paths.experiment_runs / ".jobs", options)
+    say(f"{len(entries)} method(s) as {args.launcher} jobs, {args.jobs} at a time, {threads} thread(s) each")
+    failed = parallel.run_jobs(ws, [e.name for e in entries], specs, args.jobs, executor, gpus or None)
+    if failed:
+        ok = [e.name for e in entries if e.name not in failed]
+        if ok:  # the others' results are not lost: evaluate and report them, then fail
+            args.method = ok
+            cmd_evaluate(args)
+            cmd_report(args)
+        raise SpheregenError(f"job(s) failed: {', '.join(failed)} (logs above); the other methods' weights, "
+                             "samples and results are kept")
 
 
 def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
@@ -145,10 +272,24 @@ def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     p.add_argument("--runs-dir", default=os.environ.get("SPHEREGEN_RUNS", "runs"), help="checkpoints and samples")
     p.add_argument("--reports-dir", default=os.environ.get("SPHEREGEN_REPORTS", "reports"), help="tables and plots")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("SPHEREGEN_THREADS", "0")),
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one experiment key (repeatable; dotted: train.steps=5, eval.num_samples=100, "
+                        "methods.NAME.train.lr=1e-3); typed and checked as in the file, recorded in the results")
+    p.add_argument("--threads", default=None,
                    help="torch CPU threads (default: torch's choice; env SPHEREGEN_THREADS)")
     if methods:
         p.add_argument("--method", action="append", help="only this method (repeatable); default: all")
+
+
+def _jobs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train and sample up to N methods at once (submitit jobs; each pinned to its share of the "
+                        "cores, or its own GPU); results equal a sequential run at the same --threads")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"], help="where --jobs run")
+    p.add_argument("--partition", help="SLURM partition (--launcher slurm)")
+    p.add_argument("--time-min", type=int, help="SLURM time limit per job, minutes (default 1440)")
+    p.add_argument("--gpus-per-job", type=int, help="SLURM GPUs per job")
+    p.add_argument("--cpus-per-job", type=int, help="SLURM CPUs per job")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -165,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         p.add_argument("--fresh", action="store_true", help="delete the method's run directory and retrain")
-        p.set_defaults(fn=fn, skip_trained=False)
+        p.set_defaults(fn=fn, skip_trained=False, skip_current=False, jobs=1)
+        if name == "run":
+            _jobs_options(p)
     for name, fn, text in (
         ("sample", cmd_sample, "sample each method at each step count (runs/<experiment>/samples/)"),
         ("evaluate", cmd_evaluate, "score the samples, count FLOPs, time sampling -> results.parquet"),
@@ -173,7 +316,13 @@ def parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         _common(p, methods=name != "report")
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, skip_current=False)
+    p = sub.add_parser("export", help="sample files in another layout: adm (arr_0 N×H×W×C uint8 + arr_1 labels, "
+                                      "ADM's evaluator), png (a folder per method and step count), npz (native)")
+    _common(p)
+    p.add_argument("--format", required=True, choices=["adm", "png", "npz"])
+    p.add_argument("--out", required=True, help="folder: <out>/<method>/steps-<T>.npz or steps-<T>/*.png")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("flops", help="GFLOPs per image of every method at each step count, true and paper "
                                      "convention, counted on the meta device (no weights or data needed)")
     _common(p)
@@ -201,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
+    except Preempted as exc:
+        print(f"spheregen: {exc}", file=sys.stderr)
+        return exc.exit_code
     except SpheregenError as exc:
         print(f"spheregen: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("spheregen: interrupted; completed checkpoints and results are kept", file=sys.stderr)
         return 130

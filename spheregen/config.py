@@ -4,6 +4,11 @@ Every component config is a frozen, keyword-only attrs class registered with its
 component. :func:`structure` turns plain data into those classes strictly: unknown keys,
 wrong types and unknown component names raise :class:`ConfigError` naming the file, the
 key path and the allowed values. Nothing is ignored or patched up.
+
+Two rules hold for every config class, the plugins' included: no float option takes NaN
+or ±inf (none is meant to: an infinite guidance or learning rate would run and write
+real-looking numbers from saturated samples), and every integer option named ``seed``
+or ``*_seed`` lies in [0, 2**32) (torch and numpy seed range).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -81,12 +87,21 @@ def _structure_attrs(cls: type, data: Any, path: str, source: str) -> Any:
             continue
         kind = f.metadata.get("kind")
         kwargs[name] = _convert(hints[name], data[name], _join(path, name), source, kind)
+        _check_seed(name, kwargs[name], _join(path, name), source)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         key = _failing_field(cls, kwargs)
         where = _where(source, _join(path, key)) if key else _where(source, path)
         raise ConfigError(f"{where}: invalid {cls.__name__}: {exc}") from exc
+
+
+SEED_RANGE = 2**32
+
+
+def _check_seed(name: str, value: Any, path: str, source: str) -> None:
+    if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < SEED_RANGE:
+        raise ConfigError(f"{_where(source, path)}: seed {value} is outside [0, 2**32); choose a seed in that range")
 
 
 def _failing_field(cls: type, kwargs: dict[str, Any]) -> str | None:
@@ -167,6 +182,8 @@ def _scalar(tp: Any, value: Any, path: str, source: str) -> Any:
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{_where(source, path)}: {value} is not a finite number; give a finite value")
     elif tp is str:
         ok = isinstance(value, str)
     else:
@@ -239,6 +256,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such experiment file")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8: "
+                          "re-save the file as UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc

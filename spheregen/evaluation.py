@@ -1,79 +1,98 @@
 """Sampling and scoring: each method at each of its step counts.
 
-Stage ``sample`` writes ``runs/<exp>/samples/<method>/steps-<T>.npz`` (uint8 N×C×H×W
-``images`` and int64 ``labels``); stage ``evaluate`` reads those files, scores them with
-the experiment's metrics, counts FLOPs and measures speed, and writes
-``reports/<exp>/results.parquet`` plus the resolved config. Every sample set of a method
-uses the same seed, so step counts are compared on the same starting noise.
+Stage ``sample`` writes ``runs/<exp>/samples/<method>/steps-<T>.npz`` (spheregen.samples:
+uint8 images, labels and the set's identity); stage ``evaluate`` reads those files,
+checks that they were drawn from the current config's weights and sampler, scores them
+with the experiment's metrics, counts FLOPs and measures speed, and writes
+``reports/<exp>/results.parquet`` plus the resolved config (spheregen.results). Every
+sample set of a method uses the same seed, so step counts are compared on the same
+starting noise. One process writes a sample folder or a report folder at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import attrs
-import numpy as np
-import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from spheregen import distributed, flops
-from spheregen.config import Component, config_hash, to_dict
+from spheregen.config import Component, config_hash
 from spheregen.data import balanced_labels, to_float, to_uint8
 from spheregen.errors import SpheregenError
 from spheregen.experiment import MethodEntry
-from spheregen.paths import atomic_write, atomic_write_json
+from spheregen.paths import DirLock, check_writable
 from spheregen.plugins import registries
-from spheregen.runner import load_trained
+from spheregen.results import eval_hash, write_results
+from spheregen.runner import load_trained, run_hash
+from spheregen.samples import generate, load_samples, read_external_samples, read_meta, sample_identity, save_samples
 from spheregen.workspace import Workspace
 
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of sample batch ``index``: batches draw independent streams, so any
-    process can draw any batch and the result does not depend on the process count."""
-    return seed * 1_000_003 + index
+__all__ = ["evaluate", "read_external_samples", "sample_entry", "score_samples"]
 
 
-def generate(sampler: Any, method: Any, labels: torch.Tensor, steps: int, guidance: float, seed: int,
-             batch: int, device: torch.device, desc: str = "") -> torch.Tensor | None:
-    """uint8 N×C×H×W samples for ``labels`` (N) on the CPU, in batches of ``batch``
-    seeded by :func:`batch_seed`, spread over the accelerate processes and gathered on
-    the main process (the others return None)."""
-    n_batches = -(-len(labels) // batch)
-    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not desc or not distributed.is_main())
+@contextlib.contextmanager
+def writer_lock(folder: Path, what: str) -> Iterator[None]:
+    """The main process holds ``folder``'s lock while it writes; the other processes
+    only compute. (Only run folders carry the ownership marker: nothing deletes a
+    sample or report folder.)"""
+    if not distributed.is_main():
+        yield
+        return
+    check_writable(folder, what)
+    with DirLock(folder, what):
+        yield
 
-    def one(i: int) -> torch.Tensor:
-        gen = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
-        y = labels[i * batch:(i + 1) * batch].to(device)
-        with torch.no_grad():
-            out = to_uint8(sampler.sample(method, y, steps, guidance, gen)).cpu()
-        bar.update()
-        return out
 
+def default_sampler_name(ws: Workspace, entry: MethodEntry) -> str:
+    """The entry's sampler name without loading weights (the method built on ``meta``)."""
+    return entry.sampler.name if entry.sampler is not None else ws.build_architecture(entry)[0].default_sampler
+
+
+def samples_current(ws: Workspace, entry: MethodEntry) -> bool:
+    """Every sample file of ``entry`` exists and carries the identity the config asks for
+    (``spheregen run`` then skips re-sampling it)."""
+    sampler = default_sampler_name(ws, entry)
+    for steps in ws.exp.steps_for(entry):
+        path = ws.paths.samples(entry.name, steps)
+        try:
+            meta = read_meta(path)
+        except SpheregenError:
+            return False
+        want = expected_samples(ws, entry, sampler, steps)
+        if any(meta.get(k) != v for k, v in want.items()):
+            return False
+    return True
+
+
+def results_current(ws: Workspace, entry: MethodEntry) -> bool:
+    """results.parquet holds rows of ``entry`` for exactly its step counts, scored under
+    the current config from the current weights and sample files (``spheregen run``
+    then skips re-scoring it)."""
+    import polars as pl
+
+    path = ws.paths.report / "results.parquet"
     try:
-        parts = distributed.map_batches(n_batches, one)
-        return torch.cat(parts) if parts is not None else None
-    finally:
-        bar.close()
+        rows = pl.read_parquet(path).filter(pl.col("method") == entry.name)
+    except Exception:  # missing or unreadable: evaluate deals with it
+        return False
+    if not {"eval_hash", "train_hash", "sample_hash"} <= set(rows.columns):
+        return False
+    sampler = default_sampler_name(ws, entry)
+    want = {steps: config_hash(expected_samples(ws, entry, sampler, steps)) for steps in ws.exp.steps_for(entry)}
+    have = {r["steps"]: r["sample_hash"] for r in rows.iter_rows(named=True)
+            if r["eval_hash"] == eval_hash(ws, entry) and r["train_hash"] == run_hash(ws, entry)}
+    return have == want and len(rows) == len(want)
 
 
-def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-            np.savez_compressed(f, images=images.numpy(), labels=labels.numpy(), meta=np.array(str(meta)))
-
-    atomic_write(path, write)
-
-
-def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    if not path.is_file():
-        raise SpheregenError(f"{path} does not exist: run `spheregen sample` for this experiment first")
-    with np.load(path) as z:
-        return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+def expected_samples(ws: Workspace, entry: MethodEntry, sampler_name: str, steps: int) -> dict[str, Any]:
+    """The identity the sample file of ``entry`` at ``steps`` must carry now."""
+    sampler_config = config_hash(entry.sampler) if entry.sampler is not None else None
+    return sample_identity(run_hash(ws, entry), sampler_name, sampler_config, steps, entry.guidance, ws.exp.eval)
 
 
 def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progress: bool = True) -> list[Path]:
@@ -83,14 +102,17 @@ def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progre
     method = load_trained(ws, entry, ev.use_ema, device)
     sampler = ws.build_sampler(entry, method)
     labels = balanced_labels(ev.num_samples, ws.data.spec.num_classes)
+    sampler_name = ws.sampler_name(entry, method)
     written = []
-    for steps in ws.exp.steps_for(entry):
-        images = generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
-                          desc=f"sample {entry.name} @ {steps} steps" if progress else "")
-        path = ws.paths.samples(entry.name, steps)
-        if distributed.is_main():
-            save_samples(path, images, labels, {"method": entry.name, "steps": steps, "seed": ev.seed})
-        written.append(path)
+    with writer_lock(ws.paths.sample_dir(entry.name), f"sample folder of method '{entry.name}'"):
+        for steps in ws.exp.steps_for(entry):
+            images = generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
+                              desc=f"sample {entry.name} @ {steps} steps" if progress else "")
+            path = ws.paths.samples(entry.name, steps)
+            if distributed.is_main():
+                meta = {"method": entry.name, **expected_samples(ws, entry, sampler_name, steps)}
+                save_samples(path, images, labels, meta)
+            written.append(path)
     distributed.barrier()
     return written
 
@@ -148,9 +170,9 @@ def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: 
         for metric in group:
             out.update(metric.score(features[key], ref))
     for _, metric in metrics:
-        for key in ("fid", "cmmd"):
-            if key in metric.keys:
-                out[f"{key}_features"] = getattr(metric, "feature_info", metric.features)
+        for column in getattr(metric, "columns", ()):
+            if column.features:  # which feature space the value is in, beside it
+                out[f"{column.key}_features"] = getattr(metric, "feature_info", metric.features)
     return out
 
 
@@ -211,9 +233,13 @@ def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, step
 
 def tokenizer_identity(ws: Workspace, entry: MethodEntry, method: Any) -> tuple[str, str] | None:
     """(label, config hash) of the tokenizer behind ``method.reconstruct``, or None when
-    there is nothing to report (no ``reconstruct``, or a lossless tokenizer such as
-    ``patch``). Methods sharing a tokenizer config share one identity; a method that is
-    its own autoencoder (the Sphere Encoder) is identified by its entry."""
+    there is nothing to report: the method's own ``tokenizer_identity()`` when it has one,
+    else the default below. Default: None without ``reconstruct`` or for a lossless
+    tokenizer such as ``patch``; methods sharing a frozen tokenizer config share one
+    identity; a method that is its own autoencoder (the Sphere Encoder) is identified
+    by its entry."""
+    if hasattr(method, "tokenizer_identity"):
+        return method.tokenizer_identity()
     tokenizer = getattr(method, "tokenizer", None)
     if not hasattr(method, "reconstruct") or getattr(tokenizer, "lossless", False):
         return None
@@ -233,9 +259,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: list[tuple[str, Any]],
                        device: torch.device, identity: tuple[str, str] | None) -> dict[str, Any] | None:
-    """rFID (the experiment's FID metrics, same features as gFID) and PSNR of the
-    method's tokenizer (``identity``: :func:`tokenizer_identity`) on the held-out test
-    split: FID(reconstructions, originals)."""
+    """PSNR and the reconstruction scores (the experiment's metrics with a column declared
+    ``reconstruction``, stored as ``r<key>``: rFID = FID(reconstructions, originals), in
+    the same features as gFID) of the method's tokenizer (``identity``:
+    :func:`tokenizer_identity`) on the held-out test split. ``features``: the feature
+    space of the first such column that records one."""
     test = ws.data.test
     if identity is None or len(test.images) == 0:
         return None
@@ -251,12 +279,14 @@ def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: 
     recon = torch.cat(parts)
     # the main process alone holds the reconstructions: scored there, unsharded (once
     # per tokenizer, not per step count)
-    fids = [(n, m) for n, m in metrics if "fid" in m.keys]
-    scores = score_all(fids, recon, test.images, shard=False) if fids else {}
+    columns = [c for _, m in metrics for c in getattr(m, "columns", ()) if c.reconstruction]
+    scorers = [(n, m) for n, m in metrics if any(c.reconstruction for c in getattr(m, "columns", ()))]
+    scores = score_all(scorers, recon, test.images, shard=False) if scorers else {}
     return {
         "tokenizer": identity[0], "config_hash": identity[1], "methods": entry.name,
-        "rfid": scores.get("fid"), "psnr": psnr(recon, test.images), "num_images": len(recon),
-        "features": scores.get("fid_features"),
+        **{f"r{c.key}": scores.get(c.key) for c in columns},
+        "psnr": psnr(recon, test.images), "num_images": len(recon),
+        "features": next((scores.get(f"{c.key}_features") for c in columns if c.features), None),
     }
 
 
@@ -275,93 +305,42 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
         "params": params.total,
         "trainable_params": params.trainable,
         "train_steps": entry.train.steps,
-        "images_seen": entry.train.steps * entry.train.batch_size * entry.train.grad_accum,
+        "images_seen": entry.train.steps * entry.train.batch_size,  # batch_size is global
         "config_hash": config_hash(entry),
+        "eval_hash": eval_hash(ws, entry),
+        "train_hash": run_hash(ws, entry),
+        "data_key": ws.data.key,
         "provider": _provider("method", entry.method.name),
         "plugin_versions": plugin_versions(ws, entry, sampler_name),
         "spheregen_version": importlib.metadata.version("spheregen"),
     }
     rows = []
     for steps in ws.exp.steps_for(entry):
-        samples, labels = load_samples(ws.paths.samples(entry.name, steps))
+        identity = expected_samples(ws, entry, sampler_name, steps)
+        samples, labels = load_samples(ws.paths.samples(entry.name, steps), identity)
         scores = score_all(metrics, samples, reference, labels=labels)
         if not distributed.is_main():
             continue  # speed and FLOPs are measured by one process
-        row = {**base, "steps": steps, "num_samples": len(samples)}
+        row = {**base, "steps": steps, "num_samples": len(samples), "sample_hash": config_hash(identity)}
         row.update(_cost_row(ws, entry, method, sampler, steps, device))
         row.update(scores)
         rows.append(row)
     return rows
 
 
-def _merge(path: Path, frame: pl.DataFrame, key: str, keep: list[str]) -> pl.DataFrame:
-    """``frame`` plus the rows of the file at ``path`` whose ``key`` is not in ``frame``
-    and is in ``keep`` (results of methods not re-evaluated now survive)."""
-    if not path.is_file():
-        return frame
-    old = pl.read_parquet(path)
-    old = old.filter(~pl.col(key).is_in(frame[key].unique().to_list()) & pl.col(key).is_in(keep))
-    return pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
-
-
-def _tokenizer_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    """One row per tokenizer identity (config hash); ``methods`` lists its users."""
-    merged: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        seen = merged.setdefault(row["config_hash"], dict(row))
-        if row["methods"] not in seen["methods"].split(", "):
-            seen["methods"] += f", {row['methods']}"
-    return pl.from_dicts(list(merged.values()), infer_schema_length=None)
-
-
-def _with_old_users(old_file: pl.DataFrame | None, rows: list[dict[str, Any]], keep: list[str]
-                    ) -> list[dict[str, Any]]:
-    """``rows`` plus, for each tokenizer re-scored now, a row per method of the old file
-    that used it and is still in the experiment (evaluating one method of three that
-    share a tokenizer must not drop the other two from its "used by")."""
-    if old_file is None:
-        return rows
-    fresh = {r["config_hash"]: r for r in rows}
-    extra = []
-    for old in old_file.iter_rows(named=True):
-        if old["config_hash"] in fresh:
-            for name in str(old["methods"]).split(", "):
-                if name in keep:
-                    extra.append({**fresh[old["config_hash"]], "methods": name})
-    return rows + extra
-
-
-def write_results(ws: Workspace, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = ()) -> Path:
-    """Write results.parquet (and tokenizers.parquet when there are reconstruction rows);
-    rows of methods not re-evaluated now are kept from the old files."""
-    report = ws.paths.report
-    path = report / "results.parquet"
-    frame = _merge(path, pl.from_dicts(rows, infer_schema_length=None), "method", [m.name for m in ws.exp.methods])
-    atomic_write(path, lambda p: frame.write_parquet(p))
-    if tokenizer_rows:
-        tok_path = report / "tokenizers.parquet"
-        old_file = pl.read_parquet(tok_path) if tok_path.is_file() else None
-        tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
-        if old_file is not None:  # tokenizers not re-scored now keep their rows
-            old = old_file.filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
-            tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
-        atomic_write(tok_path, lambda p: tokens.write_parquet(p))
-    atomic_write_json(report / "config.resolved.json", {
-        "experiment": to_dict(ws.exp),
-        "spheregen": importlib.metadata.version("spheregen"),
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    return path
-
-
 def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device | None = None) -> Path:
     """Score every method's samples and write results.parquet (all rows are computed
     before anything is written, so a failure leaves the previous results untouched)."""
     device = device or ws.device
+    entries = [ws.exp.method(n) for n in names] if names else list(ws.exp.methods)  # unknown name: error
+    with writer_lock(ws.paths.report, "report folder"):
+        return _evaluate(ws, entries, device)
+
+
+def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -> Path:
     with distributed.state().main_process_first():  # one process trains/caches the feature network
         metrics = ws.build_metrics(device)
     reference = ws.reference_images()
-    entries = [ws.exp.method(n) for n in names] if names else list(ws.exp.methods)  # unknown name: error
     rows, tokenizer_rows = [], []
     scored: dict[Any, dict[str, Any] | None] = {}  # tokenizer identity -> its row (scored once)
     for entry in entries:
@@ -379,22 +358,6 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
         write_results(ws, rows, tokenizer_rows)
     distributed.barrier()
     return path
-
-
-def read_external_samples(path: Path, key: str) -> torch.Tensor:
-    """uint8 N×C×H×W from array ``key`` of an .npz holding N×H×W×C or N×C×H×W images
-    (another implementation's samples, e.g. the official code's reference set)."""
-    if not path.is_file():
-        raise SpheregenError(f"{path} does not exist")
-    with np.load(path) as z:
-        if key not in z.files:
-            raise SpheregenError(f"{path} has no array {key!r}; it holds {z.files}")
-        arr = z[key]
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise SpheregenError(f"{path}:{key} must be uint8 N×H×W×C or N×C×H×W, got {arr.dtype} {arr.shape}")
-    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
-        arr = arr.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def score_samples(ws: Workspace, samples: torch.Tensor, device: torch.device | None = None) -> dict[str, Any]:

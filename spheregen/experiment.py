@@ -19,29 +19,38 @@ Layout (every key optional unless marked)::
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
 from spheregen.config import Component, ConfigError, component_field, read_toml, structure
+from spheregen.validators import non_negative, positive, proper_fraction
 
-_RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# folders spheregen itself keeps beside the method runs of an experiment
+RESERVED_METHOD_NAMES = ("samples",)
+
+
+def _check_name(what: str, value: str) -> None:
+    """Experiment and method names become folder names under runs/ and reports/: one
+    path component of lowercase letters, digits, '-' and '_' (no '/', '..', leading
+    '.', or empty name), so no name can reach outside those roots or into the cache."""
+    if not isinstance(value, str) or not _RUN_ID.match(value):
+        raise ValueError(f"{what} name {value!r} must be 1-64 lowercase letters, digits, '-' or '_', "
+                         "starting with a letter or digit")
 
 
 def _check_run_id(value: str) -> None:
-    if not _RUN_ID.match(value):
-        raise ValueError(f"method name {value!r} must be lowercase letters, digits, '-' or '_'")
+    _check_name("method", value)
+    if value in RESERVED_METHOD_NAMES:
+        raise ValueError(f"method name {value!r} is reserved (runs/<experiment>/{value}/ is spheregen's); rename it")
 
 
-def _positive(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"'{attribute.name}' must be > 0, got {value}")
-
-
-def _fraction(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"'{attribute.name}' must be in [0, 1), got {value}")
+def _betas(_inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+    if not all(0.0 <= b < 1.0 for b in value):
+        raise ValueError(f"'{attribute.name}' must be two numbers in [0, 1), got {list(value)}")
 
 
 def _steps(_inst: Any, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
@@ -57,7 +66,9 @@ class DataConfig:
 
     ``fit``: ``resize-crop`` resizes the shorter side to ``image_size`` (bicubic, nearest
     at <= 64 px as the official code) then centre-crops; ``pad`` centre-pads smaller
-    images with black (the reference recipe's 28 -> 32 MNIST) and refuses larger ones.
+    images with black (the reference recipe's 28 -> 32 MNIST) and refuses larger ones;
+    ``adm-center-crop`` is ADM's ``center_crop_arr`` (box-filter halvings, bicubic, centre
+    crop), the 256-px ImageNet pipeline of DiT, SiT, RAE and both sphere papers.
     ``channels``: 3 replicates grayscale to RGB and drops alpha; 1 converts to luminance.
     When the source has no ``test_split``, ``test_fraction`` of train is held out
     (seeded) for the metrics' classifier and rFID.
@@ -66,47 +77,66 @@ class DataConfig:
     """
 
     source: Component = component_field("dataset")
-    image_size: int = attrs.field(default=32, validator=_positive)
+    image_size: int = attrs.field(default=32, validator=positive)
     channels: Literal[1, 3] = 3
-    fit: Literal["resize-crop", "pad"] = "resize-crop"
+    fit: Literal["resize-crop", "pad", "adm-center-crop"] = "resize-crop"
     flip: bool = False
     train_split: str = "train"
     test_split: str | None = None
-    test_fraction: float = attrs.field(default=0.1, validator=_fraction)
-    max_examples: int | None = attrs.field(default=None, validator=_positive)
+    test_fraction: float = attrs.field(default=0.1, validator=proper_fraction)
+    max_examples: int | None = attrs.field(default=None, validator=positive)
     num_classes: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
                                           metadata={"omit_if_default": True, "identity": False})
 
 
 @attrs.frozen(kw_only=True)
 class TrainConfig:
-    """Optimisation budget and recipe. ``steps`` counts optimizer steps; images seen =
-    steps × batch_size × grad_accum. ``ema_decay = 0`` disables EMA.
+    """Optimisation budget and recipe. ``steps`` counts optimizer steps; ``batch_size`` is
+    the global batch: images per optimizer step over all processes and ``grad_accum``
+    micro-steps (each process draws batch_size / (processes × grad_accum) per micro-step,
+    which must divide), so images seen = steps × batch_size whatever the launch.
+    ``ema_decay = 0`` disables EMA.
 
     ``cache_latents = "auto"``: a method on a frozen, lossy tokenizer (one with
     ``latent_loss``) gets the training split encoded once before the first step, both
     orientations when ``data.flip``, kept on the training device when they take at most
-    ``cache_latents_max_gb``; otherwise (or with ``"off"``) every batch is encoded as it
-    is drawn. The tokenizer is deterministic and frozen, so both paths train on the same
-    latents up to float rounding of the encoder's batch composition."""
+    ``cache_latents_max_gb`` and in memory-mapped files under ``runs/.cache/latents/``
+    beyond (extracted once per tokenizer and data, sharded over processes, resumable;
+    spheregen.latent_cache); ``"memory"`` / ``"disk"`` force one; with ``"off"`` every batch
+    is encoded as it is drawn. The tokenizer is deterministic and frozen, so both paths train on the same
+    latents up to float rounding of the encoder's batch composition.
 
-    steps: int = attrs.field(default=1000, validator=_positive)
-    batch_size: int = attrs.field(default=64, validator=_positive)
-    grad_accum: int = attrs.field(default=1, validator=_positive)
-    lr: float = attrs.field(default=1e-3, validator=_positive)
-    min_lr_ratio: float = attrs.field(default=0.01, validator=_fraction)
-    warmup_fraction: float = attrs.field(default=0.05, validator=_fraction)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    ema_decay: float = attrs.field(default=0.0, validator=_fraction)
+    Checkpoints are written every ``checkpoint_every`` steps (0: off) and, whichever
+    comes first, after ``checkpoint_minutes`` of training since the last one (0: off),
+    so a preempted run loses minutes, not the run; the final step always checkpoints.
+    Neither cadence nor ``log_every`` is part of the run's identity."""
+
+    steps: int = attrs.field(default=1000, validator=positive)
+    batch_size: int = attrs.field(default=64, validator=positive)
+    grad_accum: int = attrs.field(default=1, validator=positive)
+    lr: float = attrs.field(default=1e-3, validator=positive)
+    min_lr_ratio: float = attrs.field(default=0.01, validator=proper_fraction)
+    warmup_fraction: float = attrs.field(default=0.05, validator=proper_fraction)
+    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
+    grad_clip: float = attrs.field(default=1.0, validator=non_negative)
+    ema_decay: float = attrs.field(default=0.0, validator=proper_fraction)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    log_every: int = attrs.field(default=10, validator=_positive)
-    num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    cache_latents: Literal["auto", "off"] = attrs.field(default="auto", metadata={"omit_if_default": True})
+    # cadence of checkpoints and logs: not part of the run's identity (they change no weight)
+    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={"identity": False})
+    checkpoint_minutes: float = attrs.field(default=10.0, validator=non_negative,
+                                            metadata={"identity": False, "omit_if_default": True})
+    log_every: int = attrs.field(default=10, validator=positive, metadata={"identity": False})
+    # accelerate trackers for losses, learning rate and images/s (the jsonl log is always written)
+    log_with: tuple[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
+                            "trackio"], ...] = attrs.field(default=(), metadata={"identity": False,
+                                                                                   "omit_if_default": True})
+    # DataLoader worker processes that decode training images: speed only, same batches
+    num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={"identity": False})
+    cache_latents: Literal["auto", "memory", "disk", "off"] = attrs.field(default="auto",
+                                                                          metadata={"omit_if_default": True})
     cache_latents_max_gb: float = attrs.field(default=4.0, validator=attrs.validators.gt(0),
-                                              metadata={"omit_if_default": True})
+                                              metadata={"omit_if_default": True, "identity": False})
 
 
 @attrs.frozen(kw_only=True)
@@ -115,14 +145,14 @@ class EvalConfig:
     drawn with ``seed``; ``reference`` picks the real images the metrics compare to."""
 
     steps: tuple[int, ...] = attrs.field(default=(1, 2, 4, 8), validator=_steps)
-    num_samples: int = attrs.field(default=1000, validator=_positive)
-    batch_size: int = attrs.field(default=250, validator=_positive)
+    num_samples: int = attrs.field(default=1000, validator=positive)
+    batch_size: int = attrs.field(default=250, validator=positive)
     metrics: tuple[Component, ...] = attrs.field(factory=tuple, metadata={"kind": "metric"})
     reference: Literal["train", "test"] = "train"
-    grid_per_class: int = attrs.field(default=8, validator=_positive)
+    grid_per_class: int = attrs.field(default=8, validator=positive)
     use_ema: bool = True
-    seed: int = 2
-    throughput_batch: int = attrs.field(default=64, validator=_positive)
+    seed: int = 2  # in [0, 2**32), checked for every seed by spheregen.config
+    throughput_batch: int = attrs.field(default=64, validator=positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -140,13 +170,14 @@ class MethodEntry:
 
 @attrs.frozen(kw_only=True)
 class Experiment:
-    name: str
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_name("experiment", v))
     seed: int = 0
     data: DataConfig = attrs.field(factory=DataConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
     methods: tuple[MethodEntry, ...] = ()
     source: str = "<python>"
+    overrides: tuple[str, ...] = ()  # the --set KEY=VALUE options applied to the file, in order
 
     def method(self, name: str) -> MethodEntry:
         for m in self.methods:
@@ -158,16 +189,78 @@ class Experiment:
         return entry.steps or self.eval.steps
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file; every error names the file and key."""
+def load_experiment(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Experiment:
+    """Read and validate an experiment file with ``--set KEY=VALUE`` overrides applied
+    (:func:`apply_override`); every error names the file and key."""
     raw = read_toml(path)
-    return experiment_from_dict(raw, str(path))
+    for option in overrides:
+        apply_override(raw, option, str(path))
+    exp = experiment_from_dict(raw, str(path))
+    return attrs.evolve(exp, overrides=tuple(overrides))
+
+
+def apply_override(raw: dict[str, Any], option: str, source: str) -> None:
+    """One ``KEY=VALUE`` into the raw TOML data, before any checking (so the value is
+    typed and validated exactly as if the file said it). KEY is dotted:
+    ``train.steps``, ``eval.steps``, ``data.source.path``; ``methods.NAME.KEY`` reaches
+    the method entry named NAME (``methods.fm-pixel.train.steps``). A ``train.KEY``
+    override also replaces that key in every method's own ``[methods.train]``: the
+    command line wins over the file. VALUE is read as a TOML value (``5``, ``1e-3``,
+    ``[1, 2]``, ``true``, ``"text"``); anything that is not one is taken as a string."""
+    key, sep, text = option.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {option!r}: expected KEY=VALUE with a dotted KEY, e.g. --set train.steps=50")
+    value = _toml_value(text.strip())
+    if parts[0] == "methods":
+        if len(parts) < 3:
+            raise ConfigError(f"--set {option!r}: a method is reached as methods.NAME.KEY, e.g. "
+                              "methods.fm-pixel.train.steps=50")
+        _set(_method_table(raw, parts[1], option, source), parts[2:], value, option)
+        return
+    if parts[0] in ("name", "seed", "source", "overrides") and len(parts) > 1:
+        raise ConfigError(f"--set {option!r}: '{parts[0]}' is a plain value, not a table")
+    _set(raw, parts, value, option)
+    if parts[0] == "train" and len(parts) == 2:
+        for m in raw.get("methods", []):
+            if isinstance(m, dict) and isinstance(m.get("train"), dict) and parts[1] in m["train"]:
+                m["train"][parts[1]] = value
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _method_table(raw: dict[str, Any], name: str, option: str, source: str) -> dict[str, Any]:
+    methods = [m for m in raw.get("methods", []) if isinstance(m, dict)]
+    for m in methods:
+        if m.get("name") == name:
+            return m
+    raise ConfigError(f"--set {option!r}: {source} has no method named {name!r}; methods: "
+                      f"{[m.get('name') for m in methods]}")
+
+
+def _set(table: dict[str, Any], parts: list[str], value: Any, option: str) -> None:
+    for i, part in enumerate(parts[:-1]):
+        nxt = table.get(part)
+        if nxt is None:
+            nxt = table[part] = {}
+        elif isinstance(nxt, str) and i == len(parts) - 2:  # a component given by name: make it a table
+            nxt = table[part] = {"name": nxt}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {option!r}: '{'.'.join(parts[:i + 1])}' is not a table")
+        table = nxt
+    table[parts[-1]] = value
 
 
 def experiment_from_dict(raw: dict[str, Any], source: str = "<python>") -> Experiment:
     raw = dict(raw)
-    if "source" in raw:
-        raise ConfigError(f"{source}: key 'source' is reserved; remove it")
+    for reserved in ("source", "overrides"):
+        if reserved in raw:
+            raise ConfigError(f"{source}: key '{reserved}' is reserved; remove it")
     train_defaults = raw.get("train", {})
     if not isinstance(train_defaults, dict):
         raise ConfigError(f"{source}: key 'train' must be a table")

@@ -1,12 +1,15 @@
 """Tables and plots from ``results.parquet`` and the sample files alone.
 
-Reads only the experiment (already loaded), ``reports/<exp>/results.parquet``, the optional
+Columns are shown as the registered metrics declare them (:class:`spheregen.interfaces.Column`);
+the report names no metric. Reads only the experiment (already loaded), the registries,
+``reports/<exp>/results.parquet``, the optional
 ``reports/<exp>/tokenizers.parquet`` and ``runs/<exp>/samples/<method>/steps-<T>.npz``: no
 weights, no dataset, so a report can be rebuilt anywhere the files were copied.
 
-Writes into ``reports/<exp>/``: ``results.md`` (one section per dataset: the full table and
-the FID@k / GFLOPs@k table), ``fid_vs_steps.png``, ``fid_vs_gflops.png`` (Pareto front
-marked), ``tokenizers.png`` (when tokenizers.parquet exists), ``grid_<method>_steps<T>.png``
+Writes into ``reports/<exp>/``: ``results.md`` (one section per dataset: the full table and,
+for the headline metric column (FID), the FID@k / GFLOPs@k table, ``fid_vs_steps.png`` and
+``fid_vs_gflops.png`` with the Pareto front marked), ``tokenizers.png`` (when
+tokenizers.parquet exists), ``grid_<method>_steps<T>.png``
 (``grid_per_class`` samples per class, rows are classes) and ``index.html``: the same
 content in one self-contained file, every image embedded as a data URI.
 """
@@ -19,6 +22,7 @@ import math
 import re
 from pathlib import Path
 
+import attrs
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,54 +32,40 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from spheregen.errors import SpheregenError  # noqa: E402
-from spheregen.evaluation import load_samples  # noqa: E402
-from spheregen.paths import atomic_write, atomic_write_text  # noqa: E402
+from spheregen.samples import load_samples  # noqa: E402
+from spheregen.interfaces import Column  # noqa: E402
+from spheregen.paths import DirLock, atomic_write, atomic_write_text  # noqa: E402
+from spheregen.results import read_results  # noqa: E402
+from spheregen.plugins import registries  # noqa: E402
+from spheregen.registry import Entry  # noqa: E402
 from spheregen.workspace import Workspace  # noqa: E402
 
-# column -> (header, format); only the columns present are printed
-COLUMNS = {
-    "method": ("method", "{}"),
-    "sampler": ("sampler", "{}"),
-    "steps": ("steps", "{}"),
-    "nfe": ("NFE", "{}"),
-    "fid": ("FID", "{:.2f}"),
-    "kid": ("KID×10³", "{:.2f}"),
-    "cmmd": ("CMMD", "{:.3f}"),
-    "class_acc": ("class acc.", "{:.3f}"),
-    "is": ("IS", "{:.2f}"),
-    "precision": ("precision", "{:.3f}"),
-    "recall": ("recall", "{:.3f}"),
-    "gflops_per_image": ("GFLOPs/img", "{:.3f}"),
-    "gflops_paper": ("GFLOPs/img (paper conv.)", "{:.3f}"),
-    "images_per_s": ("img/s", "{:.1f}"),
-    "latency_b1_s": ("latency b=1 (ms)", "{:.1f}"),
-    "peak_memory_mb": ("peak mem (MB)", "{:.1f}"),
-    "params": ("params (M)", "{:.2f}"),
-    "trainable_params": ("trained params (M)", "{:.2f}"),
-}
-# stored unit -> shown unit
-SCALE = {"kid": 1e3, "params": 1e-6, "trainable_params": 1e-6, "latency_b1_s": 1e3}
-
-TOKENIZER_COLUMNS = {
-    "tokenizer": ("tokenizer", "{}"),
-    "methods": ("used by", "{}"),
-    "rfid": ("rFID", "{:.2f}"),
-    "psnr": ("PSNR (dB)", "{:.2f}"),
-    "num_images": ("images", "{}"),
-}
+# The core's own result columns, around the metrics' (each metric declares its own,
+# :class:`spheregen.interfaces.Column`); only the columns present are printed.
+RUN_COLUMNS = (
+    Column(key="method", label="method", format="{}"),
+    Column(key="sampler", label="sampler", format="{}"),
+    Column(key="steps", label="steps", format="{}"),
+    Column(key="nfe", label="NFE", format="{}"),
+)
+COST_COLUMNS = (
+    Column(key="gflops_per_image", label="GFLOPs/img", format="{:.3f}", better="lower"),
+    Column(key="gflops_paper", label="GFLOPs/img (paper conv.)", format="{:.3f}", better="lower"),
+    Column(key="images_per_s", label="img/s", format="{:.1f}", better="higher"),
+    Column(key="latency_b1_s", label="latency b=1 (ms)", format="{:.1f}", scale=1e3, better="lower"),
+    Column(key="peak_memory_mb", label="peak mem (MB)", format="{:.1f}", better="lower"),
+    Column(key="params", label="params (M)", format="{:.2f}", scale=1e-6),
+    Column(key="trainable_params", label="trained params (M)", format="{:.2f}", scale=1e-6),
+)
+TOKENIZER_HEAD = (Column(key="tokenizer", label="tokenizer", format="{}"),
+                  Column(key="methods", label="used by", format="{}"))
+TOKENIZER_TAIL = (Column(key="psnr", label="PSNR (dB)", format="{:.2f}", better="higher"),
+                  Column(key="num_images", label="images", format="{}"))
 
 # A report is a list of blocks rendered twice (markdown and HTML):
 #   ("h", level, text) | ("p", text) | ("table", header, rows) | ("images", [(file name, caption)])
 # Text may hold `code` spans; table cells are plain strings.
 Block = tuple
-
-
-def read_results(report_dir: Path) -> pl.DataFrame:
-    path = report_dir / "results.parquet"
-    if not path.is_file():
-        raise SpheregenError(f"{path} does not exist: run `spheregen evaluate` for this experiment first")
-    return pl.read_parquet(path)
 
 
 def read_tokenizers(report_dir: Path) -> pl.DataFrame | None:
@@ -94,8 +84,8 @@ def _fmt(value: object, fmt: str, scale: float = 1.0) -> str:
     return fmt.format(float(value) * scale if scale != 1.0 else value)
 
 
-def _cell(col: str, value: object) -> str:
-    return _fmt(value, COLUMNS[col][1], SCALE.get(col, 1.0))
+def _cell(col: Column, value: object) -> str:
+    return _fmt(value, col.format, col.scale)
 
 
 def _features_header(header: str, features: pl.Series) -> str:
@@ -104,44 +94,88 @@ def _features_header(header: str, features: pl.Series) -> str:
     return f"{header}[{', '.join(feats)}]" if feats else header
 
 
-def results_rows(df: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+def declared_columns(entry: Entry) -> tuple[Column, ...]:
+    """A registered metric's columns, read from its factory (no metric is built): its
+    ``columns``, else its ``keys`` shown as-is with a generic format."""
+    columns = getattr(entry.factory, "columns", None)
+    if columns is not None:
+        return tuple(columns)
+    return tuple(Column(key=k, label=k) for k in getattr(entry.factory, "keys", ()))
+
+
+def metric_columns(ws: Workspace, present: list[str]) -> list[Column]:
+    """The columns among ``present`` (result keys, in file order) that registered metrics
+    declare: the experiment's metrics first, in ``eval.metrics`` order, then any other
+    registered metric's (rows kept from an earlier metric list) in file order."""
+    reg = registries().metric
+    listed = {c.name for c in ws.exp.eval.metrics}
+    cols = {c.key: c for m in ws.exp.eval.metrics for c in declared_columns(reg.get(m.name))}
+    others = {c.key: c for e in reg if e.name not in listed for c in declared_columns(e)}
+    for key in present:
+        cols.setdefault(key, others.get(key))
+    return [c for c in cols.values() if c is not None and c.key in present]
+
+
+def _header(col: Column, df: pl.DataFrame, features: str) -> str:
+    """The column's label, naming the feature space(s) from ``df[features]`` when it asks."""
+    if col.label_features and features in df.columns:
+        return _features_header(col.label, df[features])
+    return col.label
+
+
+def results_rows(ws: Workspace, df: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the full table: one row per method × steps, present columns only."""
-    cols = [c for c in COLUMNS if c in df.columns]
-    header = [COLUMNS[c][0] for c in cols]
-    if "fid" in cols and "fid_features" in df.columns:
-        header[cols.index("fid")] = _features_header("FID", df["fid_features"])
-    rows = [[_cell(c, r[c]) for c in cols] for r in df.sort(["method", "steps"]).iter_rows(named=True)]
+    cols = [c for c in RUN_COLUMNS if c.key in df.columns] + metric_columns(ws, df.columns)
+    cols += [c for c in COST_COLUMNS if c.key in df.columns]
+    header = [_header(c, df, f"{c.key}_features") for c in cols]
+    rows = [[_cell(c, r[c.key]) for c in cols] for r in df.sort(["method", "steps"]).iter_rows(named=True)]
     return header, rows
 
 
-def steps_rows(df: pl.DataFrame) -> tuple[list[str], list[list[str]]] | None:
-    """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side (None without FID)."""
-    if "fid" not in df.columns:
+def headline(ws: Workspace, df: pl.DataFrame) -> Column | None:
+    """The first headline metric column of ``df`` (FID), or None."""
+    return next((c for c in metric_columns(ws, df.columns) if c.headline), None)
+
+
+def steps_rows(df: pl.DataFrame, head: Column | None) -> tuple[list[str], list[list[str]]] | None:
+    """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side (``head``:
+    the headline column, e.g. FID; None without one)."""
+    if head is None:
         return None
     steps = sorted(df["steps"].unique().to_list())
-    gflops = "gflops_per_image" in df.columns
-    header = ["method"] + [f"FID@{k}" for k in steps] + ([f"GFLOPs@{k}" for k in steps] if gflops else [])
+    gflops = COST_COLUMNS[0]
+    has_gflops = gflops.key in df.columns
+    header = (["method"] + [f"{head.label}@{k}" for k in steps]
+              + ([f"GFLOPs@{k}" for k in steps] if has_gflops else []))
     rows = []
     for method in df["method"].unique(maintain_order=True).to_list():
         by_steps = {r["steps"]: r for r in df.filter(pl.col("method") == method).iter_rows(named=True)}
-        fids = [_cell("fid", by_steps[k]["fid"]) if k in by_steps else "–" for k in steps]
-        gfl = [_cell("gflops_per_image", by_steps[k]["gflops_per_image"]) if k in by_steps else "–"
-               for k in steps] if gflops else []
-        rows.append([method, *fids, *gfl])
+        values = [_cell(head, by_steps[k][head.key]) if k in by_steps else "–" for k in steps]
+        gfl = [_cell(gflops, by_steps[k][gflops.key]) if k in by_steps else "–"
+               for k in steps] if has_gflops else []
+        rows.append([method, *values, *gfl])
     return header, rows
 
 
-def tokenizer_rows(toks: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the reconstruction table; ``methods`` is shown comma-spaced."""
-    cols = [c for c in TOKENIZER_COLUMNS if c in toks.columns]
-    header = [TOKENIZER_COLUMNS[c][0] for c in cols]
-    if "rfid" in cols and "features" in toks.columns:  # the rFID feature extractor(s)
-        header[cols.index("rfid")] = _features_header("rFID", toks["features"])
+def reconstruction_columns(ws: Workspace, toks: pl.DataFrame) -> list[Column]:
+    """The tokenizer table's metric columns: each registered metric column declared
+    ``reconstruction``, stored as ``r<key>`` and labelled ``r<label>`` (rFID)."""
+    scored = [c[1:] for c in toks.columns if c.startswith("r")]
+    return [attrs.evolve(c, key=f"r{c.key}", label=f"r{c.label}")
+            for c in metric_columns(ws, scored) if c.reconstruction]
+
+
+def tokenizer_rows(ws: Workspace, toks: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the reconstruction table; ``methods`` is shown comma-spaced.
+    ``features`` names the feature space of the reconstruction scores."""
+    cols = [c for c in TOKENIZER_HEAD if c.key in toks.columns] + reconstruction_columns(ws, toks)
+    cols += [c for c in TOKENIZER_TAIL if c.key in toks.columns]
+    header = [_header(c, toks, "features") for c in cols]
     rows = []
     for r in toks.iter_rows(named=True):
         if r.get("methods"):
             r["methods"] = ", ".join(m.strip() for m in str(r["methods"]).split(",") if m.strip())
-        rows.append([_fmt(r[c], TOKENIZER_COLUMNS[c][1]) for c in cols])
+        rows.append([_cell(c, r[c.key]) for c in cols])
     return header, rows
 
 
@@ -167,32 +201,37 @@ def _finite(col: str) -> pl.Expr:
     return pl.col(col).cast(pl.Float64).is_finite()
 
 
-def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
-    """Rows no other row beats: the lowest FID among all rows with at most its GFLOPs/img.
+def pareto_front(df: pl.DataFrame, col: Column) -> pl.DataFrame:
+    """Rows no other row beats: the best ``col`` value (e.g. lowest FID) among all rows
+    with at most its GFLOPs/img.
 
-    Over all methods and step counts; rows without a finite FID or GFLOPs are left out.
-    Returns those rows sorted by ``gflops_per_image`` (FID falls strictly along them)."""
-    if "fid" not in df.columns or "gflops_per_image" not in df.columns:
+    Over all methods and step counts; rows without a finite value or GFLOPs are left out.
+    Returns those rows sorted by ``gflops_per_image`` (the value improves strictly along
+    them)."""
+    if col.key not in df.columns or "gflops_per_image" not in df.columns:
         return df.clear()
-    pts = df.filter(_finite("fid") & _finite("gflops_per_image")).sort(["gflops_per_image", "fid"])
-    # best FID among the rows before (cheaper, or as cheap with lower FID)
-    best_before = pl.col("fid").cum_min().shift(1)
-    return pts.filter(best_before.is_null() | (pl.col("fid") < best_before))
+    # ranked as a loss: lower is better after the sign
+    loss = pl.col(col.key) * (-1.0 if col.better == "higher" else 1.0)
+    pts = df.filter(_finite(col.key) & _finite("gflops_per_image")).sort([pl.col("gflops_per_image"), loss])
+    # best value among the rows before (cheaper, or as cheap and better)
+    best_before = loss.cum_min().shift(1)
+    return pts.filter(best_before.is_null() | (loss < best_before))
 
 
-def _mark_pareto(ax: plt.Axes, df: pl.DataFrame) -> None:
-    front = pareto_front(df)
+def _mark_pareto(ax: plt.Axes, df: pl.DataFrame, col: Column) -> None:
+    front = pareto_front(df, col)
     if len(front) == 0:
         return
-    x, y = front["gflops_per_image"].to_list(), front["fid"].to_list()
-    # 'post': past a front point, its FID is the best until the next one is affordable
+    x, y = front["gflops_per_image"].to_list(), front[col.key].to_list()
+    # 'post': past a front point, its value is the best until the next one is affordable
     ax.step(x, y, where="post", linestyle="--", color="0.3", linewidth=1, label="Pareto front", zorder=1)
     ax.scatter(x, y, s=150, facecolors="none", edgecolors="k", linewidths=1.2, zorder=3)
 
 
-def plot_fid(df: pl.DataFrame, out: Path, suffix: str = "") -> list[Path]:
-    """``fid_vs_steps<suffix>.png`` and ``fid_vs_gflops<suffix>.png``; [] without FID."""
-    if "fid" not in df.columns:
+def plot_headline(df: pl.DataFrame, col: Column | None, out: Path, suffix: str = "") -> list[Path]:
+    """``<key>_vs_steps<suffix>.png`` and ``<key>_vs_gflops<suffix>.png`` of the headline
+    column ``col`` (``fid_vs_steps.png``); [] without one."""
+    if col is None:
         return []
     paths = []
     for x in ("steps", "gflops_per_image"):
@@ -200,15 +239,15 @@ def plot_fid(df: pl.DataFrame, out: Path, suffix: str = "") -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for method, g in df.sort("steps").group_by("method", maintain_order=True):
-            ax.plot(g[x], g["fid"], marker="o", label=method[0], zorder=2)
+            ax.plot(g[x], g[col.key], marker="o", label=method[0], zorder=2)
         if x == "gflops_per_image":
-            _mark_pareto(ax, df)
+            _mark_pareto(ax, df, col)
         ax.set_xscale("log", base=2 if x == "steps" else 10)
         ax.set_xlabel("sampling steps" if x == "steps" else "GFLOPs per image")
-        ax.set_ylabel("FID")
+        ax.set_ylabel(col.label)
         ax.grid(alpha=0.3)
         ax.legend()
-        path = out / f"fid_vs_{'steps' if x == 'steps' else 'gflops'}{suffix}.png"
+        path = out / f"{col.key}_vs_{'steps' if x == 'steps' else 'gflops'}{suffix}.png"
         _save_fig(fig, path)
         paths.append(path)
     return paths
@@ -220,16 +259,24 @@ def _floats(df: pl.DataFrame, col: str) -> list[float]:
     return [math.nan if _missing(v) else float(v) for v in df[col].to_list()]
 
 
-def plot_tokenizers(toks: pl.DataFrame, out: Path) -> Path:
-    """``tokenizers.png``: rFID and PSNR bars per tokenizer; a missing value is labelled '–'."""
+def _title(col: Column) -> str:
+    """``rFID (lower is better)``; ``PSNR (dB)`` -> ``PSNR, dB (higher is better)``."""
+    label = col.label.replace(" (", ", ").rstrip(")")
+    return f"{label} ({col.better} is better)" if col.better else label
+
+
+def plot_tokenizers(toks: pl.DataFrame, scores: list[Column], out: Path) -> Path:
+    """``tokenizers.png``: bars per tokenizer of each reconstruction score (``scores``,
+    rFID) and PSNR; a missing value is labelled '–'."""
     names = toks["tokenizer"].to_list()
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.0 + 1.4 * len(names)), 3.6))
-    for ax, col, title in zip(axes, ("rfid", "psnr"), ("rFID (lower is better)", "PSNR, dB (higher is better)")):
-        values = _floats(toks, col)
+    cols = [*scores, TOKENIZER_TAIL[0]]
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(6.0, 2.0 + 1.4 * len(names)), 3.6), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        values = _floats(toks, col.key)
         bars = ax.bar(range(len(names)), [0.0 if math.isnan(v) else v for v in values], color="C0")
         ax.bar_label(bars, labels=["–" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(title)
+        ax.set_title(_title(col))
         ax.grid(axis="y", alpha=0.3)
     path = out / "tokenizers.png"
     _save_fig(fig, path)
@@ -307,40 +354,49 @@ def speed_note(df: pl.DataFrame) -> str:
             "only between rows of one setup (columns device, torch_threads of results.parquet).")
 
 
-def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, plots: list[Path]) -> list[Block]:
+def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, out: Path, suffix: str) -> list[Block]:
+    """The section of one dataset; its plots are written into ``out`` (file names end in
+    ``suffix``)."""
     exp = ws.exp
+    head = headline(ws, df)
+    plots = plot_headline(df, head, out, suffix)
     n = df["num_samples"].max() if "num_samples" in df.columns else None
     blocks: list[Block] = [
         ("h", 2, f"Dataset: {dataset}"),
         ("p", f"Data: `{dataset}` at {exp.data.image_size}×{exp.data.image_size}, {exp.data.channels} "
               f"channel(s). Metrics on {n if n is not None else '?'} class-balanced samples per row "
               f"against the {exp.eval.reference} split."),
-        ("table", *results_rows(df)),
+        ("table", *results_rows(ws, df)),
     ]
     timing = speed_note(df)
     if timing:
         blocks.append(("p", timing))
-    steps = steps_rows(df)
+    steps = steps_rows(df, head)
     if steps:
         blocks += [("h", 3, "By step count"), ("table", *steps)]
     if plots:
         blocks.append(("images", [(p.name, p.stem.replace("_", " ")) for p in plots]))
-    if any(p.name.startswith("fid_vs_gflops") for p in plots):
-        blocks.append(("p", "Rings and the dashed line in FID vs GFLOPs: the Pareto front (lowest FID "
-                            "for at most that many GFLOPs/img, over all methods and step counts)."))
-    if n is not None and int(n) < 10_000 and "fid" in df.columns:
-        blocks.append(("p", f"FID on {n} samples is biased upwards relative to the usual 50k; compare "
+    if any(p.name.startswith(f"{head.key}_vs_gflops") for p in plots):
+        best = "highest" if head.better == "higher" else "lowest"
+        blocks.append(("p", f"Rings and the dashed line in {head.label} vs GFLOPs: the Pareto front ({best} "
+                            f"{head.label} for at most that many GFLOPs/img, over all methods and step counts)."))
+    if n is not None and int(n) < 10_000 and head is not None:
+        blocks.append(("p", f"{head.label} on {n} samples is biased upwards relative to the usual 50k; compare "
                             "rows within this table, not with papers."))
     return blocks
 
 
-def tokenizer_blocks(toks: pl.DataFrame, plot: Path) -> list[Block]:
+def tokenizer_blocks(ws: Workspace, toks: pl.DataFrame, out: Path) -> list[Block]:
+    """The reconstruction section; its plot is written into ``out``."""
+    scores = reconstruction_columns(ws, toks)
+    plot = plot_tokenizers(toks, scores, out)
+    against = "".join(f"{c.label} against the originals ({c.better} is better) and " if c.better else
+                      f"{c.label} against the originals and " for c in scores)
     return [
         ("h", 2, "Tokenizers: reconstruction"),
-        ("p", "Encode → decode of real images by each tokenizer: rFID against the originals "
-              "(lower is better) and PSNR in dB (higher is better)."),
-        ("table", *tokenizer_rows(toks)),
-        ("images", [(plot.name, "rFID and PSNR per tokenizer")]),
+        ("p", f"Encode → decode of real images by each tokenizer: {against}PSNR in dB (higher is better)."),
+        ("table", *tokenizer_rows(ws, toks)),
+        ("images", [(plot.name, " and ".join([c.label for c in scores] + ["PSNR"]) + " per tokenizer")]),
     ]
 
 
@@ -362,9 +418,9 @@ def report_blocks(ws: Workspace, df: pl.DataFrame, toks: pl.DataFrame | None, ou
     ]
     for dataset, part in datasets:
         suffix = "" if len(datasets) == 1 else f"_{_slug(dataset)}"
-        blocks += dataset_blocks(ws, dataset, part, plot_fid(part, out, suffix))
+        blocks += dataset_blocks(ws, dataset, part, out, suffix)
     if toks is not None and len(toks):
-        blocks += tokenizer_blocks(toks, plot_tokenizers(toks, out))
+        blocks += tokenizer_blocks(ws, toks, out)
     write_grids(ws, df, out)
     return blocks + grid_blocks(df)
 
@@ -448,10 +504,11 @@ def build_report(ws: Workspace) -> Path:
 
     Returns the path of results.md."""
     out = ws.paths.report
-    blocks = report_blocks(ws, read_results(out), read_tokenizers(out), out)
-    atomic_write_text(out / "index.html", to_html(blocks, f"{ws.exp.name}: results", out))
-    path = out / "results.md"
-    atomic_write_text(path, to_markdown(blocks))
+    with DirLock(out, "report folder"):  # one writer of reports/<experiment>/ at a time
+        blocks = report_blocks(ws, read_results(ws), read_tokenizers(out), out)
+        atomic_write_text(out / "index.html", to_html(blocks, f"{ws.exp.name}: results", out))
+        path = out / "results.md"
+        atomic_write_text(path, to_markdown(blocks))
     return path
 
 

@@ -2,8 +2,10 @@
 
 Batches are drawn by a pure function of the micro-step index (a seeded permutation per
 epoch, sharded by process), not by a DataLoader's iterator state. That makes resume
-exact (no sampler state to restore) and makes N processes with per-process batch B/N
-see exactly the global batches of one process with batch B.
+exact (no sampler state to restore) and makes N processes see exactly the global
+batches of one process. ``train.batch_size`` is the global batch (images per optimizer
+step over all processes and accumulation micro-steps): each process draws
+batch_size / (processes × grad_accum) images per micro-step.
 """
 
 from __future__ import annotations
@@ -16,18 +18,25 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from spheregen.artifacts import read_final, write_final
 from spheregen.config import config_hash, to_dict
-from spheregen.data import to_float
-from spheregen.errors import CheckpointError, ConfigError, TrainingError
+from spheregen import latent_cache
+from spheregen.data import Examples, collate, to_float
+from spheregen.latent_cache import DiskLatents, MemoryLatents, flip_mask
+from spheregen.errors import CheckpointError, ConfigError, Preempted, StaleError, TrainingError
 from spheregen.experiment import MethodEntry, TrainConfig
-from spheregen.paths import atomic_write, atomic_write_json, replace_dir
+from spheregen.interfaces import LatentMethod, has
+from spheregen.paths import (DirLock, atomic_write, atomic_write_json, check_owned, ensure_free_space, mark_owned,
+                             remove_owned, replace_dir)
+from spheregen.preemption import StopRequest
 from spheregen.workspace import Workspace
 
 MANIFEST = "manifest.json"
@@ -51,38 +60,57 @@ def lr_lambda(cfg: TrainConfig) -> Any:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters; buffers are
-    copied. Checkpointed through accelerate's ``register_for_checkpointing``."""
+    """Exponential moving average of a module's trained parameters (``requires_grad``),
+    by name: a frozen tokenizer is not copied, so the EMA costs one copy of what
+    training changes. Checkpointed through accelerate's ``register_for_checkpointing``;
+    :meth:`full_state` is the module's state dict with the averages in place."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for e, p in zip(self.module.parameters(), module.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
-        for e, b in zip(self.module.buffers(), module.buffers()):
-            e.copy_(b)
+        for name, p in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.module.state_dict()
+        return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state)
+        if state.keys() != self.shadow.keys():
+            raise CheckpointError(f"the checkpoint's EMA holds {len(state)} tensors, this method trains "
+                                  f"{len(self.shadow)}: it belongs to another architecture; pass --fresh")
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+    def full_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {**module.state_dict(), **self.shadow}
 
 
 # ---------------------------------------------------------------- batches
 
 
+def micro_batch(cfg: TrainConfig, world: int) -> int:
+    """Images per process and micro-step for the global ``cfg.batch_size``."""
+    parts = world * cfg.grad_accum
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size = {cfg.batch_size} is the global batch and must divide evenly over {world} "
+            f"process(es) × train.grad_accum = {cfg.grad_accum}; use a multiple of {parts}"
+        )
+    return cfg.batch_size // parts
+
+
 def batch_indices(k: int, n: int, batch: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """Indices of micro-batch ``k`` for process ``rank``: a shard of the k-th global
-    batch of a seeded per-epoch permutation (drop_last)."""
+    """Indices of micro-batch ``k`` for process ``rank`` (``batch`` images per process):
+    a shard of the k-th global micro-batch of a seeded per-epoch permutation (drop_last)."""
     global_batch = batch * world
     per_epoch = n // global_batch
     if per_epoch == 0:
         raise ConfigError(
-            f"train.batch_size × processes = {global_batch} exceeds the {n} training examples; lower train.batch_size"
+            f"a global micro-batch of {global_batch} images exceeds the {n} training examples; lower train.batch_size"
         )
     epoch, j = divmod(k, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -90,65 +118,32 @@ def batch_indices(k: int, n: int, batch: int, rank: int, world: int, seed: int) 
     return perm[start:start + batch]
 
 
-def flip_mask(n: int, seed: int, k: int) -> torch.Tensor:
-    """Which of micro-batch k's n images are mirrored (a pure function of seed and k)."""
-    g = torch.Generator().manual_seed(seed * 7919 + k)
-    return torch.rand(n, generator=g) < 0.5
-
-
-def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, flip: bool, seed: int, k: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = to_float(images[idx])
+def prepare_batch(images: torch.Tensor, labels: torch.Tensor, flip: bool, seed: int, k: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 B×C×H×W micro-batch k -> float in [-1, 1] on ``device``, mirrored where
+    :func:`flip_mask` says (in the training process, so workers stay RNG-free)."""
+    x = to_float(images)
     if flip:
-        mask = flip_mask(len(idx), seed, k)
+        mask = flip_mask(len(x), seed, k)
         x[mask] = x[mask].flip(-1)
-    return x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+    return x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-class LatentCache:
-    """The training split through a frozen tokenizer, encoded once: ``latents[o]`` is
-    N×latent_shape for orientation o (0: as stored, 1: mirrored, present with flip)."""
+class StepSampler(torch.utils.data.Sampler):
+    """The index lists of micro-batches ``start <= k < end`` of one process, for a
+    ``DataLoader``'s ``batch_sampler``: batch k is :func:`batch_indices` of k, so the
+    loader's workers decode exactly the images a resumed or single-process run would."""
 
-    def __init__(self, latents: list[torch.Tensor]):
-        self.latents = latents
+    def __init__(self, n: int, micro: int, rank: int, world: int, seed: int, start: int, end: int):
+        self.args, self.start, self.end = (n, micro, rank, world, seed), start, end
 
-    @classmethod
-    def usable(cls, method: Any, cfg: Any, n: int, flip: bool) -> tuple[bool, str]:
-        """(cache?, why) for a method and train config on n examples."""
-        tokenizer = getattr(method, "tokenizer", None)
-        if cfg.cache_latents == "off":
-            return False, "train.cache_latents = off"
-        if not hasattr(method, "latent_loss") or tokenizer is None or getattr(tokenizer, "trainable", True):
-            return False, "the method has no frozen tokenizer with latent_loss"
-        if getattr(tokenizer, "lossless", False):
-            return False, "the tokenizer is lossless (its latents are the pixels)"
-        size = math.prod(tokenizer.latent_shape) * 4 * n * (2 if flip else 1) / 2**30
-        if size > cfg.cache_latents_max_gb:
-            return False, f"the latents take {size:.1f} GB > train.cache_latents_max_gb = {cfg.cache_latents_max_gb}"
-        return True, f"{size * 1024:.1f} MB"
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
 
-    @classmethod
-    @torch.no_grad()
-    def encode(cls, method: Any, images: torch.Tensor, flip: bool, device: torch.device, batch: int = 256,
-               progress: bool = True) -> "LatentCache":
-        orientations = (False, True) if flip else (False,)
-        out = []
-        for mirrored in orientations:
-            parts = []
-            desc = f"encode latents{' (mirrored)' if mirrored else ''}"
-            for i in tqdm(range(0, len(images), batch), desc=desc, leave=False, disable=not progress):
-                x = to_float(images[i:i + batch]).to(device)
-                parts.append(method.encode(x.flip(-1) if mirrored else x))
-            out.append(torch.cat(parts))
-        return cls(out)
-
-    def batch(self, idx: torch.Tensor, flip: bool, seed: int, k: int) -> torch.Tensor:
-        """The latents of micro-batch k, mirrored where :func:`make_batch` would mirror."""
-        z = self.latents[0][idx.to(self.latents[0].device)]
-        if flip:
-            mask = flip_mask(len(idx), seed, k).to(z.device)
-            z[mask] = self.latents[1][idx.to(z.device)[mask]]
-        return z
+    def __iter__(self) -> Iterator[list[int]]:
+        n, micro, rank, world, seed = self.args
+        for k in range(self.start, self.end):
+            yield batch_indices(k, n, micro, rank, world, seed).tolist()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -195,26 +190,26 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def run_hash(ws: Workspace, entry: MethodEntry) -> str:
-    """Identity of a training run: data, the method config, its train config, the seed.
-    Sampler, guidance and step counts are left out: they only change evaluation, so
-    changing them re-samples without retraining."""
+    """Identity of a training run: the data (its config and its content fingerprint,
+    ``ws.data.key``), the method config, its train config, the seed. Sampler, guidance
+    and step counts are left out: they only change evaluation, so changing them
+    re-samples without retraining; so are checkpoint and log cadence."""
     training = {"name": entry.name, "method": entry.method, "train": entry.train}
-    return config_hash({"data": ws.exp.data, "method": training, "seed": ws.exp.seed})
+    return config_hash({"data": ws.exp.data, "data_key": ws.data.key, "method": training, "seed": ws.exp.seed})
 
 
-def same_run(recorded: str | None, ws: Workspace, entry: MethodEntry) -> bool:
-    """Whether a run.json hash names this entry's training run. Runs recorded before
-    the identity left out guidance/sampler/steps (spheregen 0.1, session 1) carry the
-    old hash of the whole entry; it is accepted too, so they need no retraining."""
-    legacy = config_hash({"data": ws.exp.data, "method": entry, "seed": ws.exp.seed})
-    return recorded is not None and recorded in (run_hash(ws, entry), legacy)
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({exc}); delete the run with --fresh") from exc
 
 
 def is_trained(ws: Workspace, entry: MethodEntry) -> bool:
     """Final weights exist for exactly this run's config."""
     meta = ws.paths.run(entry.name) / "run.json"
     return ws.paths.final(entry.name).is_file() and meta.is_file() and \
-        same_run(json.loads(meta.read_text()).get("config_hash"), ws, entry)
+        _read_json(meta).get("config_hash") == run_hash(ws, entry)
 
 
 class Trainer:
@@ -224,25 +219,29 @@ class Trainer:
         self.ws = ws
         self.entry = entry
         self.cfg = entry.train
+        self.run_dir = ws.paths.run(entry.name)
+        check_trackers(self.cfg.log_with)
         self.acc = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=self.cfg.mixed_precision,
             gradient_accumulation_steps=self.cfg.grad_accum,
+            log_with=list(self.cfg.log_with) or None,
+            project_dir=str(self.run_dir / "tracking"),
         )
         self.progress = progress
-        self.run_dir = ws.paths.run(entry.name)
         self.hash = run_hash(ws, entry)
+        self.lock: DirLock | None = None
 
     # -- setup
 
     def _setup(self) -> None:
         set_seed(self.ws.exp.seed, device_specific=True)
         data = self.ws.data
-        if self.acc.is_main_process:
-            _ = data.train  # materialise (and cache) the split once before the others read it
-        self.acc.wait_for_everyone()
-        self.images, self.labels = data.train.images, data.train.labels
-        batch_indices(0, len(self.images), self.cfg.batch_size, 0, self.acc.num_processes, 0)  # fits the data?
+        with self.acc.main_process_first():  # the main process prepares the source (an Arrow cache) first
+            self.examples = data.examples("train")
+        self.labels = self.examples.labels
+        self.micro = micro_batch(self.cfg, self.acc.num_processes)
+        batch_indices(0, len(self.examples), self.micro, 0, self.acc.num_processes, 0)  # fits the data?
         # the main process builds first: a component that fits something at build time
         # (a tokenizer trained by spheregen) trains once and the others load its cache
         with self.acc.main_process_first():
@@ -262,38 +261,65 @@ class Trainer:
         self.latents = self._latent_cache(method)
         self.ema = EMA(method, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         if self.ema is not None:
-            self.ema.module.to(self.acc.device)
             self.acc.register_for_checkpointing(self.ema)
         self.step = 0
 
-    def _latent_cache(self, method: Any) -> LatentCache | None:
+    def _latent_cache(self, method: Any) -> MemoryLatents | DiskLatents | None:
         flip = self.ws.exp.data.flip
-        ok, why = LatentCache.usable(method, self.cfg, len(self.images), flip)
-        if self.progress and self.acc.is_main_process and self.cfg.cache_latents == "auto" and \
-                hasattr(method, "latent_loss"):
-            print(f"{self.entry.name}: {'caching' if ok else 'not caching'} tokenizer latents ({why})", file=sys.stderr)
-        if not ok:
+        where, why = latent_cache.plan(method, self.cfg, len(self.examples), flip)
+        main = self.progress and self.acc.is_main_process
+        if main and self.cfg.cache_latents == "auto" and has(method, LatentMethod):
+            print(f"{self.entry.name}: {'not caching' if where == 'off' else 'caching'} tokenizer latents ({why})",
+                  file=sys.stderr)
+        if where == "off":
             return None
-        return LatentCache.encode(method, self.images, flip, self.acc.device,
-                                  progress=self.progress and self.acc.is_main_process)
+        if where == "memory":
+            return MemoryLatents.encode(method, self.examples, flip, self.acc.device, main, self.cfg.num_workers)
+        tokenizer = getattr(self.entry.method.config, "tokenizer", None)
+        key = latent_cache.identity(method, tokenizer, self.ws.data.key, flip)
+        return DiskLatents.open(method, self.examples, flip, self.acc.device,
+                                self.ws.paths.cache / "latents" / key, main, self.cfg.num_workers)
 
     # -- checkpoints
 
+    def _lock_run_dir(self) -> None:
+        """The main process takes the run folder's lock (one writer per run) before it
+        deletes or writes anything there; it is held until training returns or fails."""
+        if self.acc.is_main_process:
+            self.lock = DirLock(self.run_dir, f"run folder of method '{self.entry.name}'").acquire()
+
     def _check_run_dir(self, resume: bool, fresh: bool) -> None:
         meta = self.run_dir / "run.json"
-        if fresh and self.acc.is_main_process and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+        if self.acc.is_main_process:
+            if fresh:
+                self._remove_run()
+            check_owned(self.run_dir)
         self.acc.wait_for_everyone()
         if meta.is_file():
-            old = json.loads(meta.read_text()).get("config_hash")
-            if not same_run(old, self.ws, self.entry):
+            old = _read_json(meta).get("config_hash")
+            if old != self.hash:
                 raise ConfigError(
                     f"{self.run_dir} holds a run of a different config (hash {old}, now {self.hash}); "
                     "pass --fresh to delete it and retrain, or rename the method"
                 )
         elif self.acc.is_main_process:
+            mark_owned(self.run_dir)
             atomic_write_json(meta, {"config_hash": self.hash, "method": to_dict(self.entry),
-                                     "data": to_dict(self.ws.exp.data), "seed": self.ws.exp.seed})
+                                     "data": to_dict(self.ws.exp.data), "data_key": self.ws.data.key,
+                                     "seed": self.ws.exp.seed})
+
+    def _remove_run(self) -> None:
+        """--fresh: delete what spheregen wrote in the run folder (only a folder it
+        marked as its own), keeping the lock file that this process holds."""
+        if not self.run_dir.exists():
+            return
+        remove_owned(self.run_dir, self.ws.paths.runs_root, keep=(self.lock.path,) if self.lock else ())
+
+    def _state_bytes(self) -> int:
+        """About what one checkpoint takes on disk: trained weights, AdamW's two
+        moments, EMA (frozen parameters are not saved)."""
+        trained = sum(p.numel() * p.element_size() for p in self.method.parameters() if p.requires_grad)
+        return trained * (4 if self.ema is not None else 3)
 
     def save_checkpoint(self) -> Path:
         root = self.ws.paths.checkpoints(self.entry.name)
@@ -302,10 +328,18 @@ class Trainer:
         self.acc.wait_for_everyone()
         # every process writes its own RNG state into the same folder; the main process
         # seals it with a manifest and moves it into place
-        if self.acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+        if self.acc.is_main_process:
+            ensure_free_space(root, self._state_bytes(), f"the checkpoint of step {self.step}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        try:
+            self.acc.save_state(str(tmp))
+        except Exception as exc:  # a full disk surfaces as OSError or the writer's own error type
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write the checkpoint {tmp} ({type(exc).__name__}: {exc}); the "
+                                  "partial folder was removed and earlier checkpoints are intact: free disk "
+                                  "space and re-run with --resume") from exc
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             (tmp / "step.json").write_text(json.dumps({"step": self.step}))
@@ -326,20 +360,36 @@ class Trainer:
         except CheckpointError as exc:
             prev = f"; the previous checkpoint {ckpts[-2]} is intact: delete {latest} to resume from it" if len(ckpts) > 1 else ""
             raise CheckpointError(f"{exc}{prev}") from exc
+        self._check_manifest(latest, manifest)
         self.acc.load_state(str(latest))
         self.step = int(manifest["step"])
         return True
 
+    def _check_manifest(self, ckpt: Path, manifest: dict[str, Any]) -> None:
+        """--resume continues only a checkpoint of this very run and budget."""
+        if manifest.get("config_hash") != self.hash:
+            raise StaleError(
+                f"checkpoint {ckpt} was written by a run of another config (hash {manifest.get('config_hash')}, "
+                f"now {self.hash}); resuming would mix two runs' weights: pass --fresh to retrain"
+            )
+        if int(manifest["step"]) > self.cfg.steps:
+            raise StaleError(
+                f"checkpoint {ckpt} is at step {manifest['step']}, beyond train.steps = {self.cfg.steps}; "
+                "raise train.steps or pass --fresh"
+            )
+
     def save_final(self) -> Path:
+        """final/weights.safetensors (the whole method, and its EMA) with config.json."""
         path = self.ws.paths.final(self.entry.name)
+        state = self.acc.get_state_dict(self.wrapped)  # gathered through accelerate (FSDP-safe)
         if self.acc.is_main_process:
-            blob = {
-                "model": self.method.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "step": self.step,
-                "config_hash": self.hash,
-            }
-            atomic_write(path, lambda p: torch.save(blob, p))
+            model = {k[len("method."):]: v for k, v in state.items() if k.startswith("method.")}
+            model.update({k: v for k, v in self.method.state_dict().items() if k not in model})  # frozen parts
+            spec = self.ws.data.spec
+            meta = {"config_hash": self.hash, "step": self.step, "entry": to_dict(self.entry),
+                    "data": {"image_size": spec.image_size, "channels": spec.channels, "num_classes": spec.num_classes},
+                    "data_key": self.ws.data.key, "seed": self.ws.exp.seed, "experiment": self.ws.exp.name}
+            write_final(path.parent, model, self.ema.state_dict() if self.ema is not None else None, meta)
         self.acc.wait_for_everyone()
         return path
 
@@ -347,43 +397,109 @@ class Trainer:
 
     def train(self, resume: bool = False, fresh: bool = False) -> Path:
         self._setup()  # builds everything first: a config or weights error writes nothing
-        self._check_run_dir(resume, fresh)
+        self._lock_run_dir()
+        try:
+            self._check_run_dir(resume, fresh)
+            self._start(resume)
+            self._init_trackers()
+            with StopRequest() as stop:
+                self._loop(stop)
+            self.save_checkpoint()
+            return self.save_final()
+        finally:
+            if self.cfg.log_with:
+                self.acc.end_training()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _init_trackers(self) -> None:
+        """One tracker run per method, named after it, with the recipe as its config."""
+        if not self.cfg.log_with:
+            return
+        hp = {k: v for k, v in to_dict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
+        self.acc.init_trackers(self.entry.name, config={**hp, "method": self.entry.method.name,
+                                                        "run_hash": self.hash, "experiment": self.ws.exp.name})
+
+    def _start(self, resume: bool) -> None:
+        log_path = self.run_dir / "train_log.jsonl"
         if resume:
-            self.load_latest()
+            if not self.load_latest() and self.acc.is_main_process:
+                where = self.ws.paths.checkpoints(self.entry.name)
+                print(f"{self.entry.name}: --resume found no checkpoint in {where}; starting from step 0", file=sys.stderr)
+            if self.acc.is_main_process:
+                truncate_log(log_path, self.step)
         elif list_checkpoints(self.ws.paths.checkpoints(self.entry.name)):
             raise ConfigError(
                 f"{self.run_dir} already has checkpoints; pass --resume to continue or --fresh to start over"
             )
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The uint8 micro-batches from the current step on, decoded by
+        ``train.num_workers`` DataLoader workers (None when training on cached latents,
+        which need no image)."""
+        if self.latents is not None:
+            return None
+        accum = self.cfg.grad_accum
+        sampler = StepSampler(len(self.examples), self.micro, self.acc.process_index, self.acc.num_processes,
+                              self.ws.exp.seed, self.step * accum, self.cfg.steps * accum)
+        workers = self.cfg.num_workers
+        # its own generator: a DataLoader draws its workers' base seed when iterated, and
+        # from the global RNG that would shift every later noise draw of a resumed run
+        loader = DataLoader(self.examples, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                            pin_memory=self.acc.device.type == "cuda", prefetch_factor=4 if workers else None,
+                            generator=torch.Generator())
+        return iter(loader)
+
+    def _loop(self, stop: StopRequest) -> None:
         log_path = self.run_dir / "train_log.jsonl"
+        self.batches = self._batches()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.entry.name}",
                    disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
-        t0, seen = time.perf_counter(), 0
+        t0, seen, last_ckpt = time.perf_counter(), 0, time.monotonic()
         while self.step < self.cfg.steps:
             loss, logs = self._optimizer_step()
             self.step += 1
-            seen += self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+            seen += self.cfg.batch_size
             rate = seen / max(1e-9, time.perf_counter() - t0)
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                 self._log(log_path, loss, logs, rate)
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
+            stopping, overdue = self._agree(stop, last_ckpt)
+            if stopping:
+                bar.close()
                 self.save_checkpoint()
+                raise Preempted(f"{self.entry.name}: stopped by {stop.name} at step {self.step}/{self.cfg.steps}; "
+                                f"checkpoint saved; continue with --resume", stop.signum)
+            every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+            if (every or overdue) and self.step < self.cfg.steps:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
         bar.close()
-        self.save_checkpoint()
-        return self.save_final()
+
+    def _agree(self, stop: StopRequest, last_ckpt: float) -> tuple[bool, bool]:
+        """(stop now?, time-based checkpoint due?) as one decision for every process: a
+        signal may reach only some of them, and their clocks differ, while saving a
+        checkpoint is a collective."""
+        minutes = self.cfg.checkpoint_minutes
+        flags = [stop.signum is not None, bool(minutes) and time.monotonic() - last_ckpt >= 60 * minutes]
+        if self.acc.num_processes == 1:
+            return flags[0], flags[1]
+        t = self.acc.reduce(torch.tensor(flags, dtype=torch.float32, device=self.acc.device), reduction="sum")
+        return bool(t[0] > 0), bool(t[1] > 0)
 
     def _optimizer_step(self) -> tuple[float, dict[str, float]]:
         total, logs = 0.0, {}
         for a in range(self.cfg.grad_accum):
             k = self.step * self.cfg.grad_accum + a
-            idx = batch_indices(k, len(self.images), self.cfg.batch_size, self.acc.process_index,
-                                self.acc.num_processes, self.ws.exp.seed)
             flip, seed = self.ws.exp.data.flip, self.ws.exp.seed
             if self.latents is not None:
-                x, y = self.latents.batch(idx, flip, seed, k), self.labels[idx].to(self.acc.device)
+                idx = batch_indices(k, len(self.examples), self.micro, self.acc.process_index,
+                                    self.acc.num_processes, seed)
+                x, y = self.latents.batch(idx, flip, seed, k, self.acc.device), self.labels[idx].to(self.acc.device)
             else:
-                x, y = make_batch(self.images, self.labels, idx, flip, seed, k, self.acc.device)
+                images, labels = next(self.batches)
+                x, y = prepare_batch(images, labels, flip, seed, k, self.acc.device)
             with self.acc.accumulate(self.wrapped), self.acc.autocast():
                 loss, logs = self.wrapped(x, y, self.latents is not None)
                 self._check_finite(loss, logs)
@@ -414,23 +530,83 @@ class Trainer:
             return
         row = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0], "images_per_s": rate,
                **{k: float(v) for k, v in logs.items()}}
+        if self.cfg.log_with:
+            self.acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log rows of steps <= ``step`` (the checkpoint resumed from): the steps
+    after it are trained again and would otherwise be logged twice."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if _log_step(line) <= step]
+    if len(kept) != len(rows):
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+
+def _log_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut by the kill: drop it
+        return math.inf
+
+
 class LossForward(torch.nn.Module):
     """Routes ``forward`` to ``method.loss`` (or ``method.latent_loss`` on cached
     latents): under DDP the loss must run through the wrapper's forward for gradients to
-    be all-reduced, and methods only promise ``loss``."""
+    be all-reduced, and methods only promise ``loss``.
+
+    Its state dict (what a checkpoint saves) holds the trained parameters and the
+    buffers only: a frozen tokenizer is rebuilt from its own weights or cache when the
+    run resumes, not copied into every checkpoint; loading puts the frozen parameters'
+    current values back before the strict key check (both hooks work under DDP, whose
+    recursive save and load call them with its ``module.`` prefix)."""
 
     def __init__(self, method: torch.nn.Module):
         super().__init__()
         self.method = method
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_restore_frozen)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor, latent: bool = False
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         return self.method.latent_loss(inputs, labels) if latent else self.method.loss(inputs, labels)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
+
+
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Every tracker of ``train.log_with`` importable, or a ConfigError naming the package
+    and the extra that installs it (before any work)."""
+    import importlib.util
+
+    for name in names:
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            extra = "pip install 'spheregen[tracking]'" if name == "tensorboard" else f"pip install {package}"
+            raise ConfigError(f"train.log_with names '{name}', but the package '{package}' is not installed: "
+                              f"{extra}, or remove it from log_with")
+
+
+def _frozen(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+
+
+def _drop_frozen(module: torch.nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for name, _ in _frozen(module):
+        state.pop(prefix + name, None)
+
+
+def _restore_frozen(module: torch.nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    for name, p in _frozen(module):
+        state.setdefault(prefix + name, p.detach())
 
 
 def train(ws: Workspace, entry: MethodEntry, resume: bool = False, fresh: bool = False,
@@ -443,11 +619,13 @@ def load_trained(ws: Workspace, entry: MethodEntry, use_ema: bool = True, device
     path = ws.paths.final(entry.name)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: train method '{entry.name}' first (spheregen train {ws.exp.source})")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc}); retrain with --fresh") from exc
+    model, ema, meta = read_final(path.parent)
+    expected = run_hash(ws, entry)
+    if meta.get("config_hash") != expected:
+        raise StaleError(
+            f"{path} was trained with another config (hash {meta.get('config_hash')}, the experiment now gives "
+            f"{expected}): re-run `spheregen train {ws.exp.source} --method {entry.name}` (add --fresh to replace it)"
+        )
     method = ws.build_method(entry, device)
-    state = blob["ema"] if use_ema and blob.get("ema") is not None else blob["model"]
-    method.load_state_dict(state)
+    method.load_state_dict({**model, **ema} if use_ema and ema is not None else model)
     return method.to(device or ws.device).eval()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from spheregen import compat
 from spheregen.config import Component, make_component
 from spheregen.data import Data
 from spheregen.errors import ConfigError
@@ -47,20 +48,14 @@ class Workspace:
         return self._context(self.data.spec, device or self.device, data=True)
 
     def _context(self, spec: DataSpec, device: torch.device, data: bool) -> BuildContext:
-        ctx: BuildContext | None = None
-
-        def build(kind: str, component: Component | str) -> Any:
-            return build_component(kind, component, ctx)
-
-        ctx = BuildContext(
+        return BuildContext.create(
+            build_component,
             data=spec,
-            build=build,
             train_data=(lambda: (self.data.train.images, self.data.train.labels)) if data else None,
             cache_dir=str(self.paths.cache) if data else None,
             data_key=self.data.key if data else None,
             device=device,
         )
-        return ctx
 
     def declared_spec(self) -> DataSpec:
         """The DataSpec from the experiment file alone when it declares
@@ -78,6 +73,16 @@ class Workspace:
         with torch.device("meta"):
             method = build_component("method", entry.method, ctx, where)
         return method, self.build_sampler(entry, method, ctx)
+
+    def check_compatibility(self) -> None:
+        """Refuse (ConfigError) a method entry whose sampler does not fit its method, for
+        every entry, before anything trains: each method is built on the meta device
+        (:meth:`build_architecture`) and checked against its sampler's ``requires``."""
+        ctx = self._context(self.declared_spec(), torch.device("meta"), data=False)
+        for entry in self.exp.methods:
+            method, sampler = self.build_architecture(entry)
+            compat.check_pair(f"{self.exp.source}: methods '{entry.name}'", entry.method.name, method,
+                              self.sampler_name(entry, method), sampler, ctx)
 
     def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
         return build_component("method", entry.method, self.build_context(device),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import spheregen
+from spheregen.interfaces import Column
 
 
 @attrs.frozen(kw_only=True)
@@ -78,10 +79,12 @@ class PoolTokenizer(torch.nn.Module):
         super().__init__()
         self.latent_shape = (channels, size // 2, size // 2)
         self.encode_calls = 0
+        # a frozen weight (exactly 1): checkpoints must leave it out and restore it
+        self.gain = torch.nn.Parameter(torch.ones(channels, 1, 1), requires_grad=False)
 
     def encode(self, images):
         self.encode_calls += len(images)
-        return F.avg_pool2d(images, 2)
+        return F.avg_pool2d(images, 2) * self.gain
 
     def decode(self, latents):
         return F.interpolate(latents, scale_factor=2, mode="nearest")
@@ -130,3 +133,41 @@ def spheregen_register_methods(register):
 @spheregen.hookimpl
 def spheregen_register_samplers(register):
     register("toy-loop", lambda cfg, ctx: ToyLoop(), ToyLoopConfig)
+
+
+@attrs.frozen(kw_only=True)
+class ToyMetricConfig:
+    """A metric of mean brightness (report tests)."""
+
+
+class ToyScore:
+    """Mean brightness of the samples; declares how its one shown column looks."""
+
+    keys = ("toy_score", "toy_hidden")
+    features = None
+    columns = (Column(key="toy_score", label="toy score ↑", format="{:.1f}", scale=1e3, better="higher"),)
+
+    def __init__(self, cfg, ctx):
+        self.cfg = cfg
+
+    def compute(self, samples, reference):
+        return {"toy_score": float(samples.float().mean() / 255), "toy_hidden": 1.0}
+
+
+class ToyRaw:
+    """Declares no columns: the report shows its keys as-is."""
+
+    keys = ("toy_raw",)
+    features = None
+
+    def __init__(self, cfg, ctx):
+        self.cfg = cfg
+
+    def compute(self, samples, reference):
+        return {"toy_raw": float(len(samples))}
+
+
+@spheregen.hookimpl
+def spheregen_register_metrics(register):
+    register("toy-score", ToyScore, ToyMetricConfig)
+    register("toy-raw", ToyRaw, ToyMetricConfig)

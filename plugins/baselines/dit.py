@@ -24,10 +24,13 @@ Attention is ``F.scaled_dot_product_attention`` by default; ``attention="explici
 computes softmax(QKᵀ/√d)V with plain matmuls, which forward-mode AD (``torch.func.jvp``,
 needed by MeanFlow) can differentiate, unlike the fused kernels.
 
+Capabilities (spheregen.interfaces): NullMaskDenoiser (``drop``),
+ExplicitAttentionDenoiser (``attention``), and TwoTimeDenoiser when ``time_inputs = 2``.
+
 Built by :func:`build_dit` from ``ctx.data``, which for a denoiser describes the tensors
 it sees: channels = D and image_size = h (= w). A latent method therefore builds its
-denoiser with a :class:`~spheregen.interfaces.DataSpec` made from its tokenizer's
-``latent_shape`` (see ``plugins/baselines/common.py``).
+denoiser for a :class:`~spheregen.api.DataSpec` made from its tokenizer's
+``latent_shape`` (:func:`spheregen.api.build_latent_denoiser`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spheregen.interfaces import BuildContext
+from spheregen.api import BuildContext, at_least_one, sincos_pos_embed_2d
 
 Attention = Literal["sdpa", "explicit"]
 
@@ -53,11 +56,6 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def _optional_positive(_inst, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"'{attribute.name}' must be >= 1, got {value}")
-
-
 @attrs.frozen(kw_only=True)
 class DiTConfig:
     """DiT/SiT-style transformer. ``size`` picks a preset (S 384/12/6, B 768/12/12,
@@ -67,9 +65,9 @@ class DiTConfig:
     multiplies noise levels before the sinusoidal embedding (1: SiT, 1000: DiT)."""
 
     size: Literal["S", "B", "L", "XL"] = "S"
-    width: int | None = attrs.field(default=None, validator=_optional_positive)
-    depth: int | None = attrs.field(default=None, validator=_optional_positive)
-    heads: int | None = attrs.field(default=None, validator=_optional_positive)
+    width: int | None = attrs.field(default=None, validator=at_least_one)
+    depth: int | None = attrs.field(default=None, validator=at_least_one)
+    heads: int | None = attrs.field(default=None, validator=at_least_one)
     patch_size: int = attrs.field(default=2, validator=attrs.validators.ge(1))
     mlp_ratio: float = attrs.field(default=4.0, validator=attrs.validators.gt(0.0))
     time_inputs: Literal[1, 2] = 1
@@ -113,23 +111,6 @@ class TimeEmbedder(nn.Module):
 
     def forward(self, level: Tensor) -> Tensor:
         return self.mlp(timestep_embedding(level * self.scale, self.freq_dim))
-
-
-def sincos_pos_embed_2d(width: int, grid: int) -> Tensor:
-    """N×width fixed MAE-style embedding (N = grid², row-major): half the channels
-    encode the row, half the column, each as [sin, cos] over width/4 frequencies."""
-    if width % 4:
-        raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def embed(pos: Tensor) -> Tensor:
-        args = pos.reshape(-1, 1) * omega[None]
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -16,7 +16,9 @@ means more noise. ``time_shift = "auto"`` is s = sqrt(latent_dim / 4096); the sa
 use the same shift on their grid.
 
 Label dropout maps a random ``label_dropout`` fraction of the batch to the null class
-(the denoiser's ``drop`` mask), which trains the unconditional velocity CFG needs.
+(the denoiser's ``drop`` mask, or a split batch for a denoiser without one:
+:func:`spheregen.api.call_denoiser`), which trains the unconditional velocity CFG needs.
+Any denoiser with the minimal ``forward(x, noise_level, labels)`` fits.
 """
 
 from __future__ import annotations
@@ -27,20 +29,20 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.config import Component, component_field, make_component
-from spheregen.interfaces import BuildContext
-
-from .common import (
-    LatentMethod,
-    TimeSampling,
+from spheregen.api import (
+    BuildContext,
+    Component,
+    TokenizerDenoiserMethod,
     build_latent_denoiser,
+    call_denoiser,
+    component_field,
+    fraction,
+    make_component,
     positive,
-    resolve_time_shift,
-    sample_unit_time,
     shift_noise_level,
-    shift_spec,
-    unit_fraction,
 )
+
+from .common import TimeSampling, resolve_time_shift, sample_unit_time, shift_spec
 
 
 @attrs.frozen(kw_only=True)
@@ -52,7 +54,7 @@ class FlowMatchingConfig:
 
     tokenizer: Component = component_field("tokenizer", "patch")
     denoiser: Component = component_field("denoiser", "dit")
-    label_dropout: float = attrs.field(default=0.1, validator=unit_fraction)
+    label_dropout: float = attrs.field(default=0.1, validator=fraction)
     time_sampling: TimeSampling = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = attrs.field(default=1.0, validator=positive)
@@ -64,7 +66,7 @@ class FlowMatchingConfig:
         return cls(denoiser=make_component("denoiser", "dit", width=32, depth=1, heads=2))
 
 
-class FlowMatching(LatentMethod):
+class FlowMatching(TokenizerDenoiserMethod):
     """Flow-matching method: ``loss`` for training, ``velocity`` for the samplers."""
 
     default_sampler = "euler"
@@ -78,7 +80,7 @@ class FlowMatching(LatentMethod):
         """dx/dt at time t (B or scalar, data at 1); labels None = null class; ``drop``
         (B bool) sends chosen samples to the null class."""
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        return self.denoiser(x_t, 1 - t, labels, drop=drop)
+        return call_denoiser(self.denoiser, x_t, 1 - t, labels, drop)
 
     def sample_time(self, batch: int, device: torch.device) -> Tensor:
         """B times t in (0, 1), data at 1 (see the module docstring)."""

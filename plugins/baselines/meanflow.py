@@ -17,7 +17,10 @@ forward-mode AD has no rule for the fused SDPA kernels.
 Times: t and r are two draws (logit-normal(−0.4, 1) by default), ordered so r ≤ t;
 then all but a ``r_neq_t_fraction`` of the samples get r = t (plain flow matching in
 this convention). The denoiser sees noise level t and, as its second time input, the
-interval t − r, so it needs ``time_inputs = 2`` (the default denoiser here).
+interval t − r, so it needs the TwoTimeDenoiser capability (``dit`` with
+``time_inputs = 2``, the default here): a denoiser without it is refused when the method
+is built. A null-class mask is optional (:func:`spheregen.api.call_denoiser`); explicit
+attention is asked for in the JVP when the denoiser offers it (ExplicitAttentionDenoiser).
 
 Guidance: CFG-free training with label dropout (the unconditional u is trained on the
 null class); the ``meanflow`` sampler can apply plain CFG to u at sampling time at
@@ -33,16 +36,25 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.config import Component, component_field, make_component
-from spheregen.interfaces import BuildContext
-from spheregen.logs import to_floats
+from spheregen.api import (
+    BuildContext,
+    Component,
+    ExplicitAttentionDenoiser,
+    TokenizerDenoiserMethod,
+    TwoTimeDenoiser,
+    build_latent_denoiser,
+    call_denoiser,
+    component_field,
+    fraction,
+    has,
+    make_component,
+    non_negative,
+    positive,
+    require,
+    to_floats,
+)
 
-from .common import LatentMethod, TimeSampling, build_latent_denoiser, positive, sample_unit_time, unit_fraction
-
-
-def _nonnegative(_inst, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"'{attribute.name}' must be >= 0, got {value}")
+from .common import TimeSampling, sample_unit_time
 
 
 @attrs.frozen(kw_only=True)
@@ -56,12 +68,12 @@ class MeanFlowConfig:
     denoiser: Component = attrs.field(
         factory=lambda: make_component("denoiser", "dit", time_inputs=2), metadata={"kind": "denoiser"}
     )
-    label_dropout: float = attrs.field(default=0.1, validator=unit_fraction)
+    label_dropout: float = attrs.field(default=0.1, validator=fraction)
     time_sampling: TimeSampling = "logit-normal"
     logit_normal_mean: float = -0.4
     logit_normal_std: float = attrs.field(default=1.0, validator=positive)
-    r_neq_t_fraction: float = attrs.field(default=0.25, validator=unit_fraction)
-    adaptive_p: float = attrs.field(default=1.0, validator=_nonnegative)
+    r_neq_t_fraction: float = attrs.field(default=0.25, validator=fraction)
+    adaptive_p: float = attrs.field(default=1.0, validator=non_negative)
     adaptive_c: float = attrs.field(default=1e-3, validator=positive)
 
     @classmethod
@@ -70,20 +82,18 @@ class MeanFlowConfig:
         return cls(denoiser=make_component("denoiser", "dit", width=32, depth=1, heads=2, time_inputs=2))
 
 
-class MeanFlow(LatentMethod):
+class MeanFlow(TokenizerDenoiserMethod):
     """MeanFlow method: ``loss`` for training, ``average_velocity`` for the ``meanflow``
     sampler, ``velocity`` (flow-matching convention) for Euler/Heun."""
 
     default_sampler = "meanflow"
 
     def __init__(self, cfg: MeanFlowConfig, tokenizer, denoiser):
+        require(denoiser, TwoTimeDenoiser, "meanflow (it conditions its denoiser on t and t - r)",
+                'Name a denoiser with two time inputs, e.g. denoiser = { name = "dit", time_inputs = 2, ... }')
         super().__init__(tokenizer, denoiser, cfg.label_dropout, "meanflow")
-        if getattr(denoiser, "time_inputs", 1) != 2:
-            raise ValueError(
-                "meanflow conditions its denoiser on (t, t - r): the denoiser needs two time inputs; "
-                'set denoiser = { name = "dit", time_inputs = 2, ... }'
-            )
         self.cfg = cfg
+        self.explicit_attention = has(denoiser, ExplicitAttentionDenoiser)
 
     def average_velocity(
         self,
@@ -95,11 +105,13 @@ class MeanFlow(LatentMethod):
         attention: str = "sdpa",
     ) -> Tensor:
         """u(z, r, t): the mean of dz/dτ over [r, t] (noise at 1), B×latent_shape.
-        r, t: B or scalars; labels None = null class; drop: B bool -> null class."""
+        r, t: B or scalars; labels None = null class; drop: B bool -> null class;
+        ``attention`` reaches a denoiser with the ExplicitAttentionDenoiser capability."""
         b = z.shape[0]
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(b)
         r = torch.as_tensor(r, dtype=z.dtype, device=z.device).expand(b)
-        return self.denoiser(z, t, labels, t - r, drop=drop, attention=attention)
+        options = {"attention": attention} if self.explicit_attention else {}
+        return call_denoiser(self.denoiser, z, t, labels, drop, t - r, **options)
 
     def velocity(self, x_t: Tensor, t: Tensor | float, labels: Tensor | None, drop: Tensor | None = None) -> Tensor:
         """Instantaneous velocity in the flow-matching convention (data at t = 1)."""

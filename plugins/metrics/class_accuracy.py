@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spheregen.interfaces import MetricContext
+from spheregen.api import Column, MetricContext
 from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import ClassAccuracyConfig
 from spheregen_plugins.metrics.fidelity import check_images
@@ -28,6 +28,7 @@ class ClassAccuracy:
     needs_labels = True
     keys = ("class_acc", "class_acc_real")
     features = "domain-classifier"
+    columns = (Column(key="class_acc", label="class acc.", format="{:.3f}", better="higher"),)
 
     def __init__(self, cfg: ClassAccuracyConfig, ctx: MetricContext):
         self.cfg = cfg

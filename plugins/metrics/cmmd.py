@@ -47,8 +47,7 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_clip import MODEL_METADATA, MODEL_URLS, FeatureExtractorCLIP
 
-from spheregen.interfaces import MetricContext
-from spheregen.weights import require_hub_file
+from spheregen.api import Column, MetricContext, require_hub_file
 from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
 from spheregen_plugins.metrics.fidelity import (
@@ -162,6 +161,8 @@ class CMMD:
     """
 
     PREFIX = "cmmd"
+    # the feature space is recorded (cmmd_features) but not put in the header
+    columns = (Column(key="cmmd", label="CMMD", format="{:.3f}", better="lower", features=True),)
 
     def __init__(self, cfg: CmmdConfig, ctx: MetricContext):
         self.cfg = cfg

@@ -14,10 +14,11 @@ from typing import Literal
 
 import attrs
 
+from spheregen.api import non_negative, positive
+
 FEATURES = ("inception", "domain-classifier")
 Features = Literal["inception", "domain-classifier"]
 
-_positive = attrs.validators.gt(0)
 
 
 @attrs.frozen(kw_only=True)
@@ -31,11 +32,11 @@ class ClassifierConfig:
     result is cached per dataset key and config hash.
     """
 
-    width: int = attrs.field(default=32, validator=_positive)
-    epochs: int = attrs.field(default=6, validator=_positive)
-    batch_size: int = attrs.field(default=128, validator=_positive)
-    lr: float = attrs.field(default=3e-3, validator=_positive)
-    weight_decay: float = attrs.field(default=1e-4, validator=attrs.validators.ge(0.0))
+    width: int = attrs.field(default=32, validator=positive)
+    epochs: int = attrs.field(default=6, validator=positive)
+    batch_size: int = attrs.field(default=128, validator=positive)
+    lr: float = attrs.field(default=3e-3, validator=positive)
+    weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
     seed: int = 0
 
 
@@ -50,7 +51,7 @@ class FeatureMetricConfig:
     """
 
     features: Features = attrs.field(default="inception", validator=attrs.validators.in_(FEATURES))
-    batch_size: int = attrs.field(default=64, validator=_positive)
+    batch_size: int = attrs.field(default=64, validator=positive)
     classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
 
     @classmethod
@@ -75,7 +76,7 @@ class KidConfig(FeatureMetricConfig):
     ``seed`` fixes the subsets.
     """
 
-    subsets: int = attrs.field(default=100, validator=_positive)
+    subsets: int = attrs.field(default=100, validator=positive)
     subset_size: int = attrs.field(default=1000, validator=attrs.validators.ge(2))
     seed: int = 2020
 
@@ -86,7 +87,7 @@ class InceptionScoreConfig(FeatureMetricConfig):
     splits used are ``min(splits, n_samples)``); ``seed`` fixes the shuffle
     (2020, as the official evaluation)."""
 
-    splits: int = attrs.field(default=10, validator=_positive)
+    splits: int = attrs.field(default=10, validator=positive)
     seed: int = 2020
 
 
@@ -95,7 +96,7 @@ class PrecisionRecallConfig(FeatureMetricConfig):
     """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN manifolds of
     ``neighborhood`` neighbours; both sets need more than ``neighborhood`` images."""
 
-    neighborhood: int = attrs.field(default=3, validator=_positive)
+    neighborhood: int = attrs.field(default=3, validator=positive)
 
 
 EMBEDDINGS = ("clip", "domain-classifier")
@@ -129,9 +130,9 @@ class CmmdConfig:
 
     embedding: Embedding = attrs.field(default="clip", validator=attrs.validators.in_(EMBEDDINGS))
     clip_model: ClipModel = attrs.field(default="clip-vit-l-14-336px", validator=attrs.validators.in_(CLIP_MODELS))
-    sigma: float = attrs.field(default=10.0, validator=_positive)
-    scale: float = attrs.field(default=1000.0, validator=_positive)
-    batch_size: int = attrs.field(default=64, validator=_positive)
+    sigma: float = attrs.field(default=10.0, validator=positive)
+    scale: float = attrs.field(default=1000.0, validator=positive)
+    batch_size: int = attrs.field(default=64, validator=positive)
     classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
 
     @classmethod
@@ -147,7 +148,7 @@ class ClassAccuracyConfig:
     were drawn for: an objective "are these recognisable digits of the asked class".
     ``batch_size``: images per classifier batch."""
 
-    batch_size: int = attrs.field(default=256, validator=_positive)
+    batch_size: int = attrs.field(default=256, validator=positive)
     classifier: ClassifierConfig = attrs.field(factory=ClassifierConfig)
 
     @classmethod

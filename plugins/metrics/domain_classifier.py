@@ -28,9 +28,7 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from spheregen.config import config_hash, to_dict
-from spheregen.errors import ConfigError, DataError
-from spheregen.interfaces import MetricContext
+from spheregen.api import ConfigError, DataError, MetricContext, config_hash, to_dict
 from spheregen_plugins.metrics.config import ClassifierConfig
 
 EXTRACTOR = "spheregen-domain-classifier"

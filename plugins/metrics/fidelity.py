@@ -37,8 +37,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from spheregen.interfaces import MetricContext
-from spheregen.paths import atomic_write
+from spheregen.api import Column, MetricContext, atomic_write
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import FeatureMetricConfig
 
@@ -194,6 +193,7 @@ class FidelityMetric:
     implement ``_score``."""
 
     FLAG: ClassVar[str]  # torch-fidelity metric name: fid, kid, isc, prc
+    columns: ClassVar[tuple[Column, ...]]  # what reports show (the std keys stay in the parquet)
     KEYS: ClassVar[dict[str, str]]  # public key -> torch-fidelity key
     PREFIX: ClassVar[str]  # of the feature-accuracy key, e.g. fid_features_accuracy
     NEEDS_REFERENCE: ClassVar[bool] = True
@@ -267,6 +267,10 @@ class FID(FidelityMetric):
     FLAG = "fid"
     KEYS = {"fid": "frechet_inception_distance"}
     PREFIX = "fid"
+    # also scored on tokenizer reconstructions (rFID); the header names the feature space;
+    # the report's step table, plots and Pareto front follow it
+    columns = (Column(key="fid", label="FID", format="{:.2f}", better="lower", features=True,
+                      label_features=True, reconstruction=True, headline=True),)
 
     def __init__(self, cfg: FeatureMetricConfig, ctx: MetricContext):
         super().__init__(cfg, ctx)
@@ -285,6 +289,7 @@ class KID(FidelityMetric):
     FLAG = "kid"
     KEYS = {"kid": "kernel_inception_distance_mean", "kid_std": "kernel_inception_distance_std"}
     PREFIX = "kid"
+    columns = (Column(key="kid", label="KID×10³", format="{:.2f}", scale=1e3, better="lower"),)
 
     def subset_size(self, n_samples: int, n_reference: int) -> int:
         """min(configured size, n_samples, n_reference): see :class:`KidConfig`."""
@@ -303,6 +308,7 @@ class InceptionScore(FidelityMetric):
     FLAG = "isc"
     KEYS = {"is": "inception_score_mean", "is_std": "inception_score_std"}
     PREFIX = "is"
+    columns = (Column(key="is", label="IS", format="{:.2f}", better="higher"),)
     NEEDS_REFERENCE = False
 
     def _score(self, samples, reference, n_samples, n_reference):
@@ -317,6 +323,8 @@ class PrecisionRecall(FidelityMetric):
     FLAG = "prc"
     KEYS = {"precision": "precision", "recall": "recall"}
     PREFIX = "prc"
+    columns = (Column(key="precision", label="precision", format="{:.3f}", better="higher"),
+               Column(key="recall", label="recall", format="{:.3f}", better="higher"))
 
     def _score(self, samples, reference, n_samples, n_reference):
         _at_least("precision/recall", self.cfg.neighborhood + 1, n_samples, n_reference)

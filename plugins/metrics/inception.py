@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from spheregen.weights import require_hub_file
+from spheregen.api import require_hub_file
 
 EXTRACTOR = "inception-v3-compat"
 # torch-fidelity's own file name (what its download would write), then pytorch-fid's name

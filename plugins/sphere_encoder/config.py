@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import attrs
 
+from spheregen.api import acute_angle, fraction, non_negative, positive
+
 # name -> (width, depth, heads). tiny is ours (SPEC D); the rest are the official
 # SIZE_DICT. SwiGLU hidden = int(width * 8 / 3); head_dim = width / heads.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -35,26 +37,6 @@ def official_patch_size(image_size: int) -> int:
             "e.g. patch_size = 4 for a 8×8 token grid at 32 px"
         )
     return _OFFICIAL_PATCH[image_size] // 2
-
-
-def _ge0(_i: Any, a: attrs.Attribute, v: float) -> None:
-    if v < 0:
-        raise ValueError(f"'{a.name}' must be >= 0, got {v}")
-
-
-def _gt0(_i: Any, a: attrs.Attribute, v: float | None) -> None:
-    if v is not None and v <= 0:
-        raise ValueError(f"'{a.name}' must be > 0, got {v}")
-
-
-def _unit(_i: Any, a: attrs.Attribute, v: float) -> None:
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"'{a.name}' must be in [0, 1], got {v}")
-
-
-def _angle(_i: Any, a: attrs.Attribute, v: float) -> None:
-    if not 0.0 < v < 90.0:
-        raise ValueError(f"'{a.name}' is an angle in degrees in (0, 90), got {v}")
 
 
 def _size(_i: Any, a: attrs.Attribute, v: str) -> None:
@@ -93,23 +75,23 @@ class SphereEncoderConfig:
     """
 
     size: str = attrs.field(default="base", validator=_size)
-    patch_size: int | None = attrs.field(default=None, validator=_gt0)
-    compression_ratio: float = attrs.field(default=1.5, validator=_gt0)
-    noise_angle: float = attrs.field(default=85.0, validator=_angle)
-    hard_case_prob: float = attrs.field(default=0.1, validator=_unit)
+    patch_size: int | None = attrs.field(default=None, validator=positive)
+    compression_ratio: float = attrs.field(default=1.5, validator=positive)
+    noise_angle: float = attrs.field(default=85.0, validator=acute_angle)
+    hard_case_prob: float = attrs.field(default=0.1, validator=fraction)
     hard_case_fix: bool = True
-    mixer_depth: int = attrs.field(default=4, validator=_ge0)
+    mixer_depth: int = attrs.field(default=4, validator=non_negative)
     mixer_affine: bool = True
     head: Literal["linear", "conv"] = "linear"
     conditional: bool = True
-    label_dropout: float = attrs.field(default=0.1, validator=_unit)
-    dist_weight: float = attrs.field(default=1.0, validator=_ge0)
-    perc_weight: float = attrs.field(default=0.0, validator=_ge0)
-    con_dist_weight: float = attrs.field(default=0.5, validator=_ge0)
-    con_perc_weight: float = attrs.field(default=0.0, validator=_ge0)
-    lat_con_weight: float = attrs.field(default=0.1, validator=_ge0)
+    label_dropout: float = attrs.field(default=0.1, validator=fraction)
+    dist_weight: float = attrs.field(default=1.0, validator=non_negative)
+    perc_weight: float = attrs.field(default=0.0, validator=non_negative)
+    con_dist_weight: float = attrs.field(default=0.5, validator=non_negative)
+    con_perc_weight: float = attrs.field(default=0.0, validator=non_negative)
+    lat_con_weight: float = attrs.field(default=0.1, validator=non_negative)
     pixel_consistency: bool = True
-    encoder_lr_scale: float = attrs.field(default=0.1, validator=_gt0)
+    encoder_lr_scale: float = attrs.field(default=0.1, validator=positive)
 
     def __attrs_post_init__(self) -> None:
         if self.dist_weight == 0 and self.perc_weight == 0:

@@ -31,21 +31,6 @@ NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 
 
-def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    out = pos.double().flatten()[:, None] * omega[None]
-    return torch.cat([out.sin(), out.cos()], dim=1)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """MAE-style fixed 2-D sin-cos embedding, N×dim: the first half encodes the
-    column, the second half the row (MAE's meshgrid(w, h) order)."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position embedding needs width % 4 == 0, got {dim}")
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1).float()
-
-
 def axial_rope_2d(head_dim: int, grid: int, theta: float = ROPE_THETA) -> tuple[Tensor, Tensor]:
     """cos, sin tables (N×head_dim) of 2-D axial RoPE: the first half of the head dim
     rotates with the row, the second with the column; each half uses frequencies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from spheregen_plugins.perceptual import Perceptual
+from spheregen.api import Perceptual
 
 
 def distance(pred: Tensor, target: Tensor) -> Tensor:

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spheregen.interfaces import BuildContext, DataSpec
-from spheregen.logs import to_floats
+from spheregen.api import BuildContext, DataSpec, to_floats
 from spheregen_plugins.sphere_encoder import sphere
 from spheregen_plugins.sphere_encoder.config import SIZES, SphereEncoderConfig, official_patch_size
 from spheregen_plugins.sphere_encoder.losses import distance, latent_consistency, sphere_perceptual
@@ -141,10 +140,6 @@ class SphereEncoder(nn.Module):
             terms["lat_con"] = cfg.lat_con_weight * latent_consistency(z_again, z.detach())
         total = torch.stack(list(terms.values())).sum()
         return total, to_floats({"loss": total, **terms})  # the terms are logged weighted
-
-    def forward(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        """Same as :meth:`loss`, so a DDP / accelerate wrapper can call the method."""
-        return self.loss(images, labels)
 
     edit_ops = ("reconstruct", "interpolate", "manipulate")
 

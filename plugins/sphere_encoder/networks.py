@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spheregen.api import sincos_pos_embed_2d
 from spheregen_plugins.sphere_encoder.layers import (
     Block,
     LabelEmbedder,
@@ -22,7 +23,6 @@ from spheregen_plugins.sphere_encoder.layers import (
     ModulatedLinear,
     axial_rope_2d,
     linear,
-    sincos_pos_embed_2d,
 )
 
 CONV_HEAD_CHANNELS = 32
@@ -39,7 +39,7 @@ class _ViT(nn.Module):
         self.conditional = num_classes > 0
         # A frozen Parameter (not a buffer), as the official code: it is in the
         # checkpoint and in the parameter counts the papers report.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid, columns_first=True)[None], requires_grad=False)
         cos, sin = axial_rope_2d(width // heads, grid)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -5,9 +5,11 @@
    (pixel CFG, clamped). e is a draw different from e0, reused at every step when
    ``cache_noise``; r = 1, or 1 - t/T with the linear scheduler.
 
-The sampler only calls the method's ``encode_raw``, ``decode`` and ``spherify`` and reads
-``latent_shape``, ``sigma_max`` and ``conditional``; it never changes train/eval mode.
-The loop runs under ``torch.inference_mode``; the returned images are ordinary tensors.
+The sampler only calls what ``requires`` declares (SphereAutoencoderMethod); it never
+changes train/eval mode. Guidance is the toolkit's :func:`~spheregen.api.guided` (a
+conditional and a ``labels=None`` pass per guided side), noise the toolkit's
+(:func:`~spheregen.api.noise`). The loop runs under ``torch.inference_mode``; the
+returned images are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -18,17 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spheregen.interfaces import check_steps
+from spheregen.api import SphereAutoencoderMethod, cfg_passes, check_steps, decay, guided, noise, reference_parameter
 from spheregen_plugins.sphere_encoder.config import SphereSamplerConfig
-
-
-def lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
-    """a + w(b - a): the guided value for unconditional a and conditional b."""
-    return a + w * (b - a)
 
 
 class SphereSampler:
     """Multi-step encode/re-noise/decode on the sphere (the Sphere Encoder's own loop)."""
+
+    requires = (SphereAutoencoderMethod,)
 
     def __init__(self, cfg: SphereSamplerConfig):
         self.cfg = cfg
@@ -49,19 +48,13 @@ class SphereSampler:
         """Network passes per image: T decoder + T-1 encoder, each side doubled when guided."""
         check_steps(steps)
         w_enc, w_dec = self.guidance_weights(guidance)
-        return steps * (2 if w_dec != 1.0 else 1) + (steps - 1) * (2 if w_enc != 1.0 else 1)
+        return steps * cfg_passes(w_dec) + (steps - 1) * cfg_passes(w_enc)
 
-    def _encode(self, method: Any, x: Tensor, labels: Tensor, w: float) -> Tensor:
-        z = method.encode_raw(x, labels)
-        if w != 1.0:
-            z = lerp(method.encode_raw(x, None), z, w)
-        return z
-
-    def _decode(self, method: Any, z: Tensor, labels: Tensor, w: float) -> Tensor:
-        x = method.decode(z, labels)
-        if w != 1.0:
-            x = lerp(method.decode(z, None), x, w).clamp(-1.0, 1.0)
-        return x
+    @staticmethod
+    def _decode(method: Any, z: Tensor, labels: Tensor, w: float) -> Tensor:
+        """D(z) guided by w; a guided image is clamped back to [-1, 1]."""
+        x = guided(method.decode, z, (), labels, w)
+        return x.clamp(-1.0, 1.0) if w > 1.0 else x
 
     @torch.no_grad()
     def sample(
@@ -80,27 +73,21 @@ class SphereSampler:
                 f"guidance {guidance} needs a class-conditional model; this Sphere Encoder is "
                 "unconditional (set guidance = 1.0)"
             )
-        ref = next(method.parameters())
+        ref = reference_parameter(method)
         shape = (labels.shape[0], *method.latent_shape)
         labels = labels.to(ref.device)
         w_enc, w_dec = self.guidance_weights(guidance)
 
-        def noise() -> Tensor:
-            # Drawn where the generator lives, so a CPU generator gives the same samples
-            # on every device.
-            where = generator.device if generator is not None else ref.device
-            return torch.randn(shape, generator=generator, device=where).to(ref.device, ref.dtype)
-
         # Inference mode (no version counters or view tracking: ~3% less CPU time at the
         # tiny size); the output is made outside it, so callers get an ordinary tensor.
         with torch.inference_mode():
-            x = self._decode(method, method.spherify(noise()), labels, w_dec)
-            refine = noise() if steps > 1 else None
+            x = self._decode(method, method.spherify(noise(shape, generator, ref)), labels, w_dec)
+            refine = noise(shape, generator, ref) if steps > 1 else None
             for t in range(1, steps):
                 if not self.cfg.cache_noise and t > 1:
-                    refine = noise()
-                r = 1.0 if self.cfg.scheduler == "none" else 1.0 - t / steps
-                z = method.spherify(self._encode(method, x, labels, w_enc))
+                    refine = noise(shape, generator, ref)
+                r = decay(t, steps, self.cfg.scheduler)
+                z = method.spherify(guided(method.encode_raw, x, (), labels, w_enc))
                 z = method.spherify(z + r * method.sigma_max * refine)
                 x = self._decode(method, z, labels, w_dec)
         return x.clamp(-1.0, 1.0).float()

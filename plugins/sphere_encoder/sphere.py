@@ -1,4 +1,5 @@
-"""Sphere math of the Sphere Encoder (SPEC A2-A4, E).
+"""Sphere math of the Sphere Encoder (SPEC A2-A4, E), on top of the toolkit's f
+(``spherify``) and stratified radii.
 
 Latents are B×(any shape); the sphere is over all non-batch dims at once, radius √L.
 """
@@ -10,19 +11,12 @@ import math
 import torch
 from torch import Tensor
 
-SPHERE_EPS = 1e-6
+from spheregen.api import spherify, stratified_unit_radii
+
+__all__ = ["spherify", "stratified_unit_radii", "sigma_max", "hard_angle", "mix_hard_cases", "perturb", "angle_deg"]
+
 MAX_HARD_ANGLE = 89.0
 HARD_EXTRA_ANGLE = 5.0
-
-
-def spherify(z: Tensor) -> Tensor:
-    """f(z) = z / sqrt(mean(z²) + 1e-6) over all non-batch dims, so ‖f(z)‖ ≈ √L.
-
-    The eps also keeps f finite on the all-zero latent the zero-init encoder emits.
-    The mean is taken in fp32 (L reaches 131072, too many terms for a bf16 sum)."""
-    dims = tuple(range(1, z.ndim))
-    scale = torch.rsqrt(z.float().pow(2).mean(dim=dims, keepdim=True) + SPHERE_EPS)
-    return z * scale.to(z.dtype)
 
 
 def sigma_max(angle_deg: float) -> float:
@@ -33,18 +27,6 @@ def sigma_max(angle_deg: float) -> float:
 
 def hard_angle(angle_deg: float) -> float:
     return min(angle_deg + HARD_EXTRA_ANGLE, MAX_HARD_ANGLE)
-
-
-def stratified_unit_radii(batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
-    """B radii in [0, 1]: one per stratum of M = B-2 strata, ``(i + max(u, 1e-3)) / M``,
-    plus exactly one 0 (a clean sample) and one 1 (a max-noise sample), shuffled."""
-    if batch < 3:
-        raise ValueError(f"stratified noise radii need a batch of at least 3 (M = B - 2 strata), got {batch}")
-    m = batch - 2
-    u = torch.rand(m, device=device, generator=generator).clamp_min(1e-3)
-    strata = (torch.arange(m, device=device, dtype=u.dtype) + u) / m
-    r = torch.cat([strata, torch.zeros(1, device=device), torch.ones(1, device=device)])
-    return r[torch.randperm(batch, device=device, generator=generator)]
 
 
 def mix_hard_cases(

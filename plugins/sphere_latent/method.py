@@ -48,7 +48,8 @@ is a real choice:
   (``cosine_scope``), unit weights as in the paper's equations. The consistency target
   is ``sg(G(v_noisy))``, detached before the loss, so no gradient flows into it.
 * **Conditioning**: label dropout ``label_dropout = 0.1`` maps a sample to the
-  denoiser's null class; the v_noisy and v_NOISY copies of a sample share the drop, so
+  denoiser's null class (its ``drop`` mask, or a split batch for a denoiser with only
+  ``forward(x, noise_level, labels)``: :func:`spheregen.api.call_denoiser`); the v_noisy and v_NOISY copies of a sample share the drop, so
   the consistency pairs are always under the same condition. ``conditional = false``
   trains and samples with the null class only (the paper's unconditional Animal Faces
   model, on a dataset that has labels).
@@ -64,24 +65,15 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.config import Component, component_field, make_component
-from spheregen.interfaces import BuildContext
-from spheregen.logs import to_floats
-from spheregen_plugins.baselines.common import LatentMethod, build_latent_denoiser
-from spheregen_plugins.baselines.samplers import guided
+from spheregen.api import BuildContext, Component, TokenizerDenoiserMethod, build_latent_denoiser, call_denoiser
+from spheregen.api import component_field, fraction, guided, make_component, non_negative, positive, to_floats
 
 from . import sphere
 from .sphere import Distance, Level, NoiseDist, Scope
 
-
-def _unit_interval(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"'{attribute.name}' must be in [0, 1], got {value}")
-
-
-def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"'{attribute.name}' must be >= 0, got {value}")
+# RAEConfig.tiny()'s sizes, spelled out: a plugin never imports another plugin's modules.
+TINY_RAE = dict(patch=4, latent_dim=8, encoder_width=32, encoder_depth=1, encoder_heads=2, encoder_steps=2,
+                decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_steps=2, batch_size=8)
 
 
 @attrs.frozen(kw_only=True)
@@ -93,20 +85,20 @@ class SphereLatentConfig:
     denoiser: Component = component_field("denoiser", "dit")
     sphere: Scope = "global"
     target: Literal["raw", "sphere"] = "raw"
-    max_noise: float = attrs.field(default=85.0, validator=attrs.validators.gt(0.0))
+    max_noise: float = attrs.field(default=85.0, validator=positive)
     max_noise_unit: Literal["angle", "sigma"] = "angle"
     noise_dist: NoiseDist = "logit-normal"
     noise_mean: float = 0.4
-    noise_std: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
-    sub_noise_max: float = attrs.field(default=0.5, validator=_unit_interval)
+    noise_std: float = attrs.field(default=1.0, validator=positive)
+    sub_noise_max: float = attrs.field(default=0.5, validator=fraction)
     noise_level: Level = "angle"
     distance: Distance = "l1"
     cosine_scope: Scope = "global"
-    recon_l1: float = attrs.field(default=1.0, validator=_non_negative)
-    recon_cos: float = attrs.field(default=1.0, validator=_non_negative)
-    cons_l1: float = attrs.field(default=1.0, validator=_non_negative)
-    cons_cos: float = attrs.field(default=1.0, validator=_non_negative)
-    label_dropout: float = attrs.field(default=0.1, validator=_unit_interval)
+    recon_l1: float = attrs.field(default=1.0, validator=non_negative)
+    recon_cos: float = attrs.field(default=1.0, validator=non_negative)
+    cons_l1: float = attrs.field(default=1.0, validator=non_negative)
+    cons_cos: float = attrs.field(default=1.0, validator=non_negative)
+    label_dropout: float = attrs.field(default=0.1, validator=fraction)
     conditional: bool = True
 
     def __attrs_post_init__(self) -> None:
@@ -117,17 +109,11 @@ class SphereLatentConfig:
     @classmethod
     def tiny(cls) -> "SphereLatentConfig":
         """A second-scale configuration for contract tests."""
-        from spheregen_plugins.tokenizers.rae import RAEConfig
-
-        tok = {k: getattr(RAEConfig.tiny(), k) for k in ("patch", "latent_dim", "encoder_width", "encoder_depth",
-                                                         "encoder_heads", "encoder_steps", "decoder_width",
-                                                         "decoder_depth", "decoder_heads", "decoder_steps",
-                                                         "batch_size")}
-        return cls(tokenizer=make_component("tokenizer", "rae", **tok),
+        return cls(tokenizer=make_component("tokenizer", "rae", **TINY_RAE),
                    denoiser=make_component("denoiser", "dit", width=32, depth=1, heads=2, patch_size=1))
 
 
-class SphereLatent(LatentMethod):
+class SphereLatent(TokenizerDenoiserMethod):
     """The Sphere Latent Encoder method: ``loss`` for training; ``denoise`` and the
     sphere helpers for the sampler."""
 
@@ -190,7 +176,7 @@ class SphereLatent(LatentMethod):
         levels = torch.cat([self.level(sigma), self.level(sigma_sub)])
         labels2 = torch.cat([labels, labels]) if labels is not None else None
         drop2 = torch.cat([drop, drop]) if drop is not None else None
-        pred_big, pred_small = self.denoiser(both, levels, labels2, drop=drop2).chunk(2)
+        pred_big, pred_small = call_denoiser(self.denoiser, both, levels, labels2, drop2).chunk(2)
         target = z if self.cfg.target == "raw" else v
         return self.combine(pred_big, pred_small, target)
 

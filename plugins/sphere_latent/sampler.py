@@ -26,7 +26,8 @@ For T = ``steps`` ≥ 1::
 Cost: ``nfe(T, w)`` = T denoiser passes, ×2 when w > 1 (CFG). The single tokenizer
 decode is not a denoiser evaluation and is not counted in NFE, but it is counted in the
 FLOPs per image (decode + T·denoiser, ×2 under CFG for the denoiser part).
-Noise is drawn on the generator's device (CPU when none) and moved to the method's.
+Noise follows the toolkit's convention (:func:`spheregen.api.noise`: drawn on the
+generator's device, moved to the denoiser's device and dtype).
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ import attrs
 import torch
 from torch import Tensor
 
-from spheregen.interfaces import BuildContext, check_steps
-
-from . import sphere
-from .sphere import Schedule
+from spheregen.api import (
+    BuildContext,
+    Schedule,
+    SphereDenoiserMethod,
+    cfg_passes,
+    check_steps,
+    decay,
+    noise,
+    non_negative,
+    reference_parameter,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -50,48 +58,44 @@ class SphereLatentSamplerConfig:
 
     schedule: Schedule = "linear"
     cache_noise: bool = False
-    noise_scale: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
+    noise_scale: float = attrs.field(default=1.0, validator=non_negative)
 
 
 class SphereLatentSampler:
     """Samples a :class:`~spheregen_plugins.sphere_latent.method.SphereLatent`."""
+
+    requires = (SphereDenoiserMethod,)
 
     def __init__(self, cfg: SphereLatentSamplerConfig):
         self.cfg = cfg
 
     def nfe(self, steps: int, guidance: float = 1.0) -> int:
         check_steps(steps)
-        return steps * (2 if guidance > 1 else 1)
-
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+        return steps * cfg_passes(guidance)
 
     @torch.no_grad()
     def sample(self, method: Any, labels: Tensor, steps: int, guidance: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         """labels: B int64 -> B×C×H×W float images in [-1, 1]."""
         check_steps(steps)
-        device = next(method.denoiser.parameters()).device
-        dtype = next(method.denoiser.parameters()).dtype
+        ref = reference_parameter(method.denoiser)
         shape = (len(labels), *method.latent_shape)
-        labels = labels.to(device) if method.num_classes > 0 else None
-        v = method.spherify(self._noise(shape, generator, device).to(dtype))
+        labels = labels.to(ref.device) if method.num_classes > 0 else None
+        v = method.spherify(noise(shape, generator, ref))
         sigma = method.sigma_max
         cached = None
         for t in range(steps):
             z_hat = method.denoise(v, sigma, labels, guidance)
             if t == steps - 1:
                 break
-            sigma = sphere.decay(t + 1, steps, self.cfg.schedule) * method.sigma_max * self.cfg.noise_scale
+            sigma = decay(t + 1, steps, self.cfg.schedule) * method.sigma_max * self.cfg.noise_scale
             if self.cfg.cache_noise:
-                cached = cached if cached is not None else self._noise(shape, generator, device).to(dtype)
-                noise = cached
+                cached = cached if cached is not None else noise(shape, generator, ref)
+                e = cached
             else:
-                noise = self._noise(shape, generator, device).to(dtype)
-            v = method.spherify(method.spherify(z_hat) + sigma * noise)
+                e = noise(shape, generator, ref)
+            v = method.spherify(method.spherify(z_hat) + sigma * e)
         return method.decode(z_hat).clamp(-1.0, 1.0)
-
 
 
 def build_sphere_latent_sampler(cfg: SphereLatentSamplerConfig, ctx: BuildContext) -> SphereLatentSampler:

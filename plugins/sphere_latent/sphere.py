@@ -1,6 +1,6 @@
-"""The latent-sphere math of the Sphere Latent Encoder: projection, noise radii, noise
-levels, sampling decay schedules and the two losses. Pure functions on tensors; the
-method and the sampler compose them. Latents are B×D×h×w.
+"""The latent-sphere math of the Sphere Latent Encoder: projection scopes, noise radii,
+noise levels and the two losses. Pure functions on tensors; the method and the sampler
+compose them with the toolkit's ``spherify`` and ``decay``. Latents are B×D×h×w.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SPHERE_EPS = 1e-6
+from spheregen import api
 
 Scope = Literal["global", "token"]
 NoiseDist = Literal["logit-normal", "lognormal", "uniform", "stratified"]
 Level = Literal["angle", "ratio", "none"]
-Schedule = Literal["linear", "none", "cosine"]
 Distance = Literal["l1", "smooth-l1"]
 
 
@@ -27,8 +26,7 @@ def spherify(z: Tensor, scope: Scope = "global") -> Tensor:
     ``global``: z / sqrt(mean(z²) + eps) over all of D, h, w (the Sphere Encoder's f, one
     sphere for the whole latent). ``token``: the same over D at each grid position, so
     every token lies on a sphere of radius √D (a product of spheres; total norm √L)."""
-    dims = (1, 2, 3) if scope == "global" else (1,)
-    return z * torch.rsqrt(z.pow(2).mean(dim=dims, keepdim=True) + SPHERE_EPS)
+    return api.spherify(z, (1, 2, 3) if scope == "global" else (1,))
 
 
 def corrupt(v: Tensor, sigma: Tensor, noise: Tensor, scope: Scope = "global") -> Tensor:
@@ -66,13 +64,7 @@ def sample_radii(n: int, dist: NoiseDist, mean: float, std: float, sigma_max: fl
         sigma = torch.exp(mean + std * torch.randn(n, device=device, generator=generator))
         return (sigma / sigma_max).clamp(max=1.0)
     if dist == "stratified":
-        if n < 3:
-            raise ValueError(f"noise_dist = 'stratified' needs a batch of at least 3, got {n}")
-        m = n - 2
-        u = torch.rand(m, device=device, generator=generator).clamp_min(1e-3)
-        strata = (torch.arange(m, device=device) + u) / m
-        r = torch.cat([strata, torch.zeros(1, device=device), torch.ones(1, device=device)])
-        return r[torch.randperm(n, device=device, generator=generator)]
+        return api.stratified_unit_radii(n, device, generator)
     raise ValueError(f"unknown noise_dist {dist!r}")
 
 
@@ -87,21 +79,6 @@ def noise_level(sigma: Tensor, kind: Level, sigma_max: float) -> Tensor:
     if kind == "none":
         return torch.zeros_like(sigma)
     raise ValueError(f"unknown noise level kind {kind!r}")
-
-
-def decay(step: int, steps: int, schedule: Schedule) -> float:
-    """Radius r_t of the noise re-added after denoising step t (1 ≤ t < T).
-
-    ``linear``: 1 − t/T (the official Sphere Encoder sampling scheduler);
-    ``cosine``: cos(π/2 · t/T) (slower decay early, faster late);
-    ``none``: 1 (the Sphere Encoder's default: full σmax every step)."""
-    if schedule == "linear":
-        return 1.0 - step / steps
-    if schedule == "cosine":
-        return math.cos(math.pi / 2 * step / steps)
-    if schedule == "none":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}")
 
 
 def distance(pred: Tensor, target: Tensor, kind: Distance = "l1") -> Tensor:

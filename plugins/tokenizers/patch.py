@@ -12,14 +12,14 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spheregen.interfaces import BuildContext
+from spheregen.api import BuildContext, at_least_one
 
 
 @attrs.frozen(kw_only=True)
 class PatchConfig:
     """Pixels as tokens: space-to-depth with ``patch_size`` (1 = identity)."""
 
-    patch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    patch_size: int = attrs.field(default=1, validator=at_least_one)
 
 
 class PatchTokenizer(nn.Module):

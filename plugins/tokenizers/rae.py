@@ -63,12 +63,21 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spheregen.config import config_hash, to_dict
-from spheregen.errors import WeightsError
-from spheregen.paths import atomic_write
-from spheregen.weights import hub_checkpoints_dir
-from spheregen_plugins.perceptual import Perceptual, check_vgg16_weights
-from spheregen.interfaces import BuildContext
+from spheregen.api import (
+    BuildContext,
+    Perceptual,
+    WeightsError,
+    at_least_one,
+    atomic_write,
+    check_vgg16_weights,
+    config_hash,
+    hub_checkpoints_dir,
+    non_negative,
+    positive,
+    proper_fraction,
+    sincos_pos_embed_2d,
+    to_dict,
+)
 
 NORM_EPS = 1e-5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,21 +85,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 1
 # Decoder training reuses the frozen encoder's latents when they fit in this much memory.
 KEEP_LATENT_BYTES = 2 << 30
-
-
-def _at_least_1(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"'{attribute.name}' must be >= 1, got {value}")
-
-
-def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"'{attribute.name}' must be >= 0, got {value}")
-
-
-def _mask_ratio(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"'{attribute.name}' must be in [0, 1), got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -103,28 +97,28 @@ class RAEConfig:
     # dinov2
     dinov2_model: str = "vit_base_patch14_reg4_dinov2"
     dinov2_weights: str | None = None
-    dinov2_image_size: int = attrs.field(default=224, validator=_at_least_1)
+    dinov2_image_size: int = attrs.field(default=224, validator=at_least_one)
     # trained encoder
     objective: Literal["mae", "supervised"] = "mae"
-    patch: int = attrs.field(default=4, validator=_at_least_1)
-    latent_dim: int = attrs.field(default=32, validator=_at_least_1)
-    encoder_width: int = attrs.field(default=128, validator=_at_least_1)
-    encoder_depth: int = attrs.field(default=3, validator=_at_least_1)
-    encoder_heads: int = attrs.field(default=4, validator=_at_least_1)
-    mask_ratio: float = attrs.field(default=0.0, validator=_mask_ratio)
-    encoder_steps: int = attrs.field(default=200, validator=_at_least_1)
+    patch: int = attrs.field(default=4, validator=at_least_one)
+    latent_dim: int = attrs.field(default=32, validator=at_least_one)
+    encoder_width: int = attrs.field(default=128, validator=at_least_one)
+    encoder_depth: int = attrs.field(default=3, validator=at_least_one)
+    encoder_heads: int = attrs.field(default=4, validator=at_least_one)
+    mask_ratio: float = attrs.field(default=0.0, validator=proper_fraction)
+    encoder_steps: int = attrs.field(default=200, validator=at_least_one)
     # decoder
-    decoder_width: int = attrs.field(default=128, validator=_at_least_1)
-    decoder_depth: int = attrs.field(default=3, validator=_at_least_1)
-    decoder_heads: int = attrs.field(default=4, validator=_at_least_1)
-    decoder_steps: int = attrs.field(default=100, validator=_at_least_1)
-    noise_tau: float = attrs.field(default=0.8, validator=_non_negative)
-    l1_weight: float = attrs.field(default=1.0, validator=_non_negative)
-    lpips_weight: float = attrs.field(default=0.0, validator=_non_negative)
+    decoder_width: int = attrs.field(default=128, validator=at_least_one)
+    decoder_depth: int = attrs.field(default=3, validator=at_least_one)
+    decoder_heads: int = attrs.field(default=4, validator=at_least_one)
+    decoder_steps: int = attrs.field(default=100, validator=at_least_one)
+    noise_tau: float = attrs.field(default=0.8, validator=non_negative)
+    l1_weight: float = attrs.field(default=1.0, validator=non_negative)
+    lpips_weight: float = attrs.field(default=0.0, validator=non_negative)
     # optimisation (both phases)
-    batch_size: int = attrs.field(default=64, validator=_at_least_1)
-    lr: float = attrs.field(default=1e-3, validator=attrs.validators.gt(0.0))
-    warmup_fraction: float = attrs.field(default=0.05, validator=_mask_ratio)
+    batch_size: int = attrs.field(default=64, validator=at_least_one)
+    lr: float = attrs.field(default=1e-3, validator=positive)
+    warmup_fraction: float = attrs.field(default=0.05, validator=proper_fraction)
     seed: int = 0
 
     @classmethod
@@ -141,19 +135,6 @@ class RAEConfig:
 
 
 # ------------------------------------------------------------------ building blocks
-
-
-def sincos_2d(width: int, grid: int) -> Tensor:
-    """grid²×width fixed 2-D sin-cos positions (row-major; half the channels per axis)."""
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
-    parts = []
-    for pos in (rows, cols):
-        args = pos.reshape(-1, 1) * omega[None]
-        parts += [torch.sin(args), torch.cos(args)]
-    return torch.cat(parts, dim=1).float()
 
 
 def _init_linears(module: nn.Module) -> None:
@@ -208,7 +189,7 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"rae: image_size {image_size} is not divisible by the encoder patch {patch}")
         self.patch, self.grid = patch, image_size // patch
         self.embed = nn.Linear(patch * patch * channels, width)
-        self.register_buffer("pos", sincos_2d(width, self.grid)[None], persistent=False)
+        self.register_buffer("pos", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.trunk = Trunk(width, depth, heads)
         self.head = nn.Linear(width, latent_dim)
         self.out_norm = nn.LayerNorm(latent_dim, elementwise_affine=False, eps=1e-6)
@@ -234,7 +215,7 @@ class TokenDecoder(nn.Module):
         self.grid, self.patch, self.channels = grid, patch, channels
         self.embed = nn.Linear(latent_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos", sincos_2d(width, grid)[None], persistent=False)
+        self.register_buffer("pos", sincos_pos_embed_2d(width, grid)[None], persistent=False)
         self.trunk = Trunk(width, depth, heads)
         self.head = nn.Linear(width, patch * patch * channels)
         _init_linears(self)

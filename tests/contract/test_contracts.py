@@ -37,13 +37,7 @@ def fake_train_data(n=64):
 
 
 def context(tmp_path):
-    ctx = None
-
-    def build(kind, component):
-        return build_component(kind, component, ctx)
-
-    ctx = BuildContext(data=SPEC, build=build, train_data=fake_train_data, cache_dir=str(tmp_path))
-    return ctx
+    return BuildContext.create(build_component, data=SPEC, train_data=fake_train_data, cache_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,3 +130,43 @@ def test_metric_contract(entry, tmp_path):
     extra = {"labels": labels[:32]} if getattr(metric, "needs_labels", False) else {}
     out = metric.compute(images[:32], images[32:], **extra)
     assert set(metric.keys) <= set(out) and all(isinstance(out[k], float) for k in metric.keys)
+
+
+def compatible_pairs():
+    """Every (method, sampler) pair of registered components that the sampler's declared
+    ``requires`` accepts (spheregen.compat, on the meta device)."""
+    from spheregen.compat import fit_table
+
+    return [pytest.param(m, s, id=f"{m}+{s}") for s, methods in fit_table().items() for m in methods]
+
+
+def networks(method):
+    """The method's networks, whose forward passes NFE counts: its direct child modules
+    with parameters, except a frozen tokenizer (decoding once is not a network evaluation)."""
+    tokenizer = getattr(method, "tokenizer", None)
+    frozen = tokenizer is not None and not getattr(tokenizer, "trainable", True)
+    return [m for m in method.children() if any(True for _ in m.parameters()) and not (frozen and m is tokenizer)]
+
+
+@pytest.mark.parametrize("method_name, sampler_name", compatible_pairs())
+def test_compatible_pair_samples_in_nfe_passes(method_name, sampler_name, tmp_path):
+    torch.manual_seed(0)
+    ctx = context(tmp_path)
+    method = registries().method.get(method_name)
+    method = method.factory(tiny_config(method), ctx).eval()
+    sampler = build_component("sampler", sampler_name, ctx)
+    seen = []  # images per forward pass: a 2B classifier-free-guidance batch counts twice
+    hooks = [n.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0]))) for n in networks(method)]
+    labels = torch.tensor([1, 7])
+    try:
+        for steps in (1, 2):
+            for guidance in (1.0, 2.0):
+                seen.clear()
+                with torch.no_grad():
+                    out = sampler.sample(method, labels, steps, guidance, torch.Generator().manual_seed(0))
+                assert out.shape == (2, SPEC.channels, SPEC.image_size, SPEC.image_size)
+                assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+                assert sum(seen) == len(labels) * sampler.nfe(steps, guidance), (steps, guidance, seen)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -112,6 +112,27 @@ CASES = {
                                   ["inception", "hub/checkpoints", "domain-classifier"]),
     "missing vgg weights": (edit('method = "toy-ae"', 'method = { name = "sphere-encoder", size = "tiny", '
                                  'patch_size = 4, perc_weight = 1.0 }'), ["vgg16-397923af.pth", "perc"]),
+    # names become folders: nothing may reach outside runs/ and reports/ or into the cache
+    "absolute experiment name": (edit('name = "tiny"', 'name = "ROOT/victim"'), ["experiment name", "lowercase"]),
+    "parent experiment name": (edit('name = "tiny"', 'name = "../../etc"'), ["experiment name", "'../../etc'"]),
+    "cache experiment name": (edit('name = "tiny"', 'name = ".cache"'), ["experiment name", "'.cache'"]),
+    "empty experiment name": (edit('name = "tiny"', 'name = ""'), ["experiment name", "''"]),
+    "reserved method name": (edit('name = "toy"', 'name = "samples"'), ["'samples' is reserved"]),
+    # non-finite and out-of-range values
+    "infinite guidance": (GOOD + "guidance = inf\n", ["methods[0].guidance", "not a finite number"]),
+    "nan grad_clip": (edit("[train]", "[train]\ngrad_clip = nan"), ["train.grad_clip", "not a finite number"]),
+    "nan lr": (edit("[train]", "[train]\nlr = nan"), ["train.lr", "not a finite number"]),
+    "nan weight decay": (edit("[train]", "[train]\nweight_decay = nan"), ["train.weight_decay", "finite"]),
+    "negative weight decay": (edit("[train]", "[train]\nweight_decay = -0.1"), ["train.weight_decay", ">= 0"]),
+    "nan betas": (edit("[train]", "[train]\nbetas = [nan, 0.9]"), ["train.betas[0]", "finite"]),
+    "betas out of range": (edit("[train]", "[train]\nbetas = [0.9, 1.5]"), ["train.betas", "[0, 1)"]),
+    "seed beyond 2**32": (edit("seed = 0", "seed = 4294967296"), ["key 'seed'", "2**32"]),
+    "negative seed": (edit("seed = 0", "seed = -1"), ["key 'seed'", "2**32"]),
+    "eval seed beyond 2**32": (edit("steps = [1]", "steps = [1]\nseed = 99999999999"), ["eval.seed", "2**32"]),
+    # sizes checked against the machine before any training
+    "sample count beyond memory": (edit("num_samples = 20", "num_samples = 1000000000000"),
+                                   ["eval.num_samples", "GiB", "available"]),
+    "image size beyond memory": (edit("image_size = 8", "image_size = 100000"), ["data.image_size", "GiB"]),
     "missing dinov2 weights": (edit('method = "toy-ae"', 'method = { name = "sphere-latent", tokenizer = '
                                     '{ name = "rae", encoder = "dinov2" } }'), ["dinov2", "trained"]),
 }

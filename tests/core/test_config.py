@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from spheregen.errors import ConfigError
@@ -56,3 +58,35 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name = [unclosed")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_experiment(bad)
+
+
+def test_set_overrides_reach_every_method_and_are_recorded(toy_registries, tiny_experiment):
+    from spheregen.experiment import load_experiment
+
+    methods = ('[[methods]]\nname = "a"\nmethod = "toy-ae"\n[methods.train]\nsteps = 50\n'
+               '[[methods]]\nname = "b"\nmethod = "toy-ae"\n')
+    path = tiny_experiment("", methods)
+    exp = load_experiment(path, ["train.steps=5", "eval.num_samples=100", "methods.b.train.lr=0.5",
+                                 "eval.steps=[1, 4]", "methods.a.method.channels=4", "name=smoke"])
+    assert [m.train.steps for m in exp.methods] == [5, 5]  # the command line beats the method's own steps
+    assert exp.eval.num_samples == 100 and exp.eval.steps == (1, 4) and exp.name == "smoke"
+    assert [m.train.lr for m in exp.methods] == [0.01, 0.5]
+    assert exp.methods[0].method.config.channels == 4
+    assert exp.overrides[0] == "train.steps=5"
+    from spheregen.config import to_dict
+
+    assert to_dict(exp)["overrides"][1] == "eval.num_samples=100"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("train.steps=five", "key 'train.steps': expected int"),
+    ("train.stepz=5", "Did you mean 'steps'"),
+    ("methods.nope.train.lr=1", "no method named 'nope'"),
+    ("trainsteps", "expected KEY=VALUE"),
+    ("seed.x=1", "plain value"),
+])
+def test_bad_set_overrides_are_config_errors(toy_registries, tiny_experiment, option, message):
+    from spheregen.experiment import load_experiment
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_experiment(tiny_experiment(), [option])

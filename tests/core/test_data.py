@@ -49,6 +49,38 @@ def test_embedded_datasets_and_holdout(tmp_path):
     assert torch.equal(again.test.images, data.test.images)  # read from the cache, same split
 
 
+def test_streamed_examples_equal_the_materialised_split(tmp_path):
+    cfg = DataConfig(source=make_component("dataset", "digits"), image_size=8, channels=1)
+    data = Data(cfg, build_component("dataset", cfg.source, None), tmp_path)
+    for split, held in (("train", data.train), ("test", data.test)):
+        streamed = data.examples(split)
+        assert len(streamed) == len(held) and torch.equal(streamed.labels, held.labels)
+        for i in (0, 7, len(held) - 1):
+            image, label = streamed[i]
+            assert torch.equal(image, held.images[i]) and label == int(held.labels[i])
+
+
+def test_max_examples_is_a_seeded_class_balanced_subset(tmp_path):
+    import polars as pl
+
+    from spheregen.data import balanced_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    chosen = balanced_subset(labels, 21)
+    assert len(chosen) == 21 and torch.equal(chosen, chosen.sort().values)
+    assert torch.bincount(labels[chosen]).tolist() == [8, 8, 5]  # class 2 runs out; the others share its turns
+    assert torch.equal(chosen, balanced_subset(labels, 21)) and not torch.equal(chosen, balanced_subset(labels, 21, 1))
+    buf = __import__("io").BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "label": i // 10} for i in range(40)]
+    pl.DataFrame(rows).write_parquet(tmp_path / "sorted.parquet")  # sorted by class: first N would be one class
+    cfg = DataConfig(source=make_component("dataset", "parquet", path=str(tmp_path / "sorted.parquet")),
+                     image_size=8, channels=1, max_examples=12, test_fraction=0.25)
+    data = Data(cfg, build_component("dataset", cfg.source, None))
+    both = torch.cat([data.examples("train").labels, data.examples("test").labels])
+    assert torch.bincount(both).tolist() == [3, 3, 3, 3]
+
+
 def test_imagefolder_and_missing_path(tmp_path):
     for c in ("cat", "dog"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
@@ -111,3 +143,19 @@ def test_weights_lookup_never_downloads(empty_hub, tmp_path):
         torch.hub.load_state_dict_from_url("https://example.invalid/other.pth", model_dir=str(tmp_path / "m"))
     with pytest.raises(AssertionError, match="tried to download"):
         timm.models._hub.download_cached_file("https://example.invalid/other.pth")
+
+
+def test_adm_center_crop_matches_the_reference_recipe():
+    """ADM's center_crop_arr, written out independently: halve (BOX) while the short
+    side is >= 2·size, bicubic to the size, centre crop."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (375, 1100, 3), dtype=np.uint8))
+    ref = img
+    while min(*ref.size) >= 2 * 64:
+        ref = ref.resize(tuple(x // 2 for x in ref.size), resample=Image.BOX)
+    scale = 64 / min(*ref.size)
+    ref = ref.resize(tuple(round(x * scale) for x in ref.size), resample=Image.BICUBIC)
+    arr = np.array(ref)
+    y, x = (arr.shape[0] - 64) // 2, (arr.shape[1] - 64) // 2
+    want = torch.from_numpy(arr[y:y + 64, x:x + 64].transpose(2, 0, 1).copy())
+    assert torch.equal(prepare_image(img, 64, 3, "adm-center-crop"), want)

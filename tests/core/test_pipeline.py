@@ -65,7 +65,7 @@ def test_two_metrics_with_one_key_are_refused(toy_registries, tiny_experiment, t
 def test_reevaluating_one_method_keeps_the_tokenizer_users(toy_registries, tiny_experiment, tmp_path):
     import attrs
 
-    from spheregen.evaluation import write_results
+    from spheregen.results import write_results
     from spheregen.experiment import load_experiment
     from spheregen.workspace import Workspace
 

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 from spheregen.errors import SpheregenError
-from spheregen.evaluation import save_samples
+from spheregen.samples import save_samples
 from spheregen.experiment import load_experiment
+from spheregen.interfaces import Column
 from spheregen.report import build_report, pareto_front
+from spheregen.results import eval_hash
 from spheregen.workspace import Workspace
 
 METHODS = '[[methods]]\nname = "ae-a"\nmethod = "toy-ae"\n[[methods]]\nname = "ae-b"\nmethod = "toy-ae"\n'
@@ -43,13 +45,19 @@ def _tokenizers() -> pl.DataFrame:
     }, schema_overrides={"rfid": pl.Float64})
 
 
+def _stamped(ws, df: pl.DataFrame) -> pl.DataFrame:
+    """Hand-made rows that claim the current config (as evaluate would record it)."""
+    hashes = {m.name: eval_hash(ws, m) for m in ws.exp.methods}
+    return df.with_columns(eval_hash=pl.col("method").replace_strict(hashes))
+
+
 @pytest.fixture
 def ws(toy_registries, tiny_experiment, tmp_path):
     """A workspace whose report dir holds both parquet files and whose runs hold samples only."""
     ws = Workspace(load_experiment(tiny_experiment(methods=METHODS)), tmp_path / "runs", tmp_path / "reports",
                    torch.device("cpu"))
     ws.paths.report.mkdir(parents=True)
-    _results().write_parquet(ws.paths.report / "results.parquet")
+    _stamped(ws, _results()).write_parquet(ws.paths.report / "results.parquet")
     _tokenizers().write_parquet(ws.paths.report / "tokenizers.parquet")
     gen = torch.Generator().manual_seed(0)
     for method, steps, *_ in ROWS:
@@ -123,11 +131,16 @@ def test_pareto_front():
         "gflops_per_image": [1.0, 2.0, 4.0, 1.5, 3.0, 8.0, 2.0, 0.5, 0.1],
         "fid": [50.0, 30.0, 20.0, 40.0, 35.0, 10.0, 31.0, None, float("nan")],
     })
-    front = pareto_front(df)
+    fid = Column(key="fid", label="FID", better="lower")
+    front = pareto_front(df, fid)
     assert front["gflops_per_image"].to_list() == [1.0, 1.5, 2.0, 4.0, 8.0]
     assert front["fid"].to_list() == [50.0, 40.0, 30.0, 20.0, 10.0]
     assert front["method"].to_list() == ["a", "b", "a", "a", "b"]
-    assert len(pareto_front(df.drop("fid"))) == 0
+    assert len(pareto_front(df.drop("fid"), fid)) == 0
+    # a higher-is-better headline: the same front on the negated values
+    negated = df.with_columns(score=-pl.col("fid"))
+    front = pareto_front(negated, Column(key="score", label="score", better="higher"))
+    assert front["score"].to_list() == [-50.0, -40.0, -30.0, -20.0, -10.0]
 
 
 def test_screenshot_in_headless_browser(ws, tmp_path):
@@ -148,7 +161,7 @@ def test_screenshot_in_headless_browser(ws, tmp_path):
 def test_one_section_per_dataset(ws):
     df = _results().with_columns(dataset=pl.when(pl.col("method") == "ae-a").then(pl.lit("digits"))
                                  .otherwise(pl.lit("hf:ylecun/mnist")))
-    df.write_parquet(ws.paths.report / "results.parquet")
+    _stamped(ws, df).write_parquet(ws.paths.report / "results.parquet")
     md = build_report(ws).read_text()
     digits, mnist = md.split("## Dataset: hf:ylecun/mnist")
     assert "## Dataset: digits" in digits and "| ae-a | 1 | 50.00 |" in digits and "| ae-b |" not in digits
@@ -165,3 +178,31 @@ def test_speed_note_names_the_setup_and_warns_on_mixed_setups():
     mixed = pl.DataFrame({"device": ["cpu", "cpu"], "torch_threads": [1, 2]})
     assert "different setups" in speed_note(mixed) and "2 thread(s)" in speed_note(mixed)
     assert speed_note(pl.DataFrame({"method": ["a"]})) == ""
+
+
+def test_a_plugin_metrics_columns_reach_the_report(ws, toy_registries):
+    """Columns come from what registered metrics declare: the toy plugin's ``toy-score``
+    declares its column, ``toy-raw`` declares nothing and is shown by its keys as-is."""
+    df = pl.read_parquet(ws.paths.report / "results.parquet")
+    df.with_columns(toy_score=pl.lit(0.123456), toy_raw=pl.lit(7.0), toy_hidden=pl.lit(1.0)).write_parquet(
+        ws.paths.report / "results.parquet")
+    md = build_report(ws).read_text()
+    assert "| method | steps | FID[toy] | CMMD | toy score ↑ | toy_raw | GFLOPs/img |" in md
+    assert "| ae-a | 1 | 50.00 | 0.500 | 123.5 | 7 | 1.000 |" in md
+    page = (ws.paths.report / "index.html").read_text()
+    assert "<th>toy score ↑</th>" in page and "<td>123.5</td>" in page and "<th>toy_raw</th>" in page
+    assert "toy_hidden" not in md  # a declaring metric's undeclared key stays in the parquet
+
+
+def test_a_plugin_metric_runs_end_to_end(toy_registries, tiny_experiment, tmp_path):
+    """run -> results.parquet -> results.md / index.html with plugin metrics alone."""
+    from spheregen.cli import main
+
+    exp = tiny_experiment('metrics = ["toy-score", "toy-raw"]')
+    assert main(["run", str(exp), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")]) == 0
+    report = tmp_path / "reports" / "tiny"
+    df = pl.read_parquet(report / "results.parquet")
+    assert {"toy_score", "toy_hidden", "toy_raw"} <= set(df.columns) and df["toy_raw"].to_list() == [40.0, 40.0]
+    md, page = (report / "results.md").read_text(), (report / "index.html").read_text()
+    assert "| NFE | toy score ↑ | toy_raw | GFLOPs/img |" in md and "<th>toy score ↑</th>" in page
+    assert "| 40 |" in md and "<td>40</td>" in page

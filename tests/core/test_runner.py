@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from spheregen.artifacts import read_final
 from spheregen.errors import CheckpointError, ConfigError, TrainingError
 from spheregen.experiment import load_experiment
 from spheregen.runner import batch_indices, list_checkpoints, load_trained, lr_lambda, train
@@ -32,8 +33,10 @@ def test_train_writes_final_checkpoints_and_log(toy_registries, tiny_experiment,
     ws = _ws(tiny_experiment(), tmp_path)
     entry = ws.exp.methods[0]
     final = train(ws, entry, progress=False)
-    blob = torch.load(final, weights_only=True)
-    assert blob["step"] == 6 and blob["ema"] is None
+    model, ema, meta = read_final(final.parent)
+    assert meta["step"] == 6 and ema is None and meta["entry"]["name"] == "toy"
+    assert meta["data"] == {"image_size": 8, "channels": 1, "num_classes": 10}
+    assert model.keys() == load_trained(ws, entry).state_dict().keys()
     ckpts = list_checkpoints(ws.paths.checkpoints("toy"))
     assert [c.name for c in ckpts] == ["step-0000003", "step-0000006"]
     log = [json.loads(line) for line in (ws.paths.run("toy") / "train_log.jsonl").read_text().splitlines()]
@@ -71,11 +74,11 @@ def test_resume_is_bit_identical(toy_registries, tiny_experiment, tmp_path, monk
         train(ws, ws.exp.methods[0], progress=False)
     monkeypatch.setattr(runner.Trainer, "_optimizer_step", real_step)
     train(ws, ws.exp.methods[0], resume=True, progress=False)
-    a = torch.load(ref.paths.final("toy"), weights_only=True)
-    b = torch.load(ws.paths.final("toy"), weights_only=True)
-    for key in ("model", "ema"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    a = read_final(ref.paths.final("toy").parent)
+    b = read_final(ws.paths.final("toy").parent)
+    for part in (0, 1):  # model, EMA
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
 def test_corrupt_checkpoint_is_detected_and_previous_kept(toy_registries, tiny_experiment, tmp_path):
@@ -123,20 +126,22 @@ def _trainer(path, tmp_path, name):
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_frozen_tokenizer_latents_are_encoded_once(toy_registries, tiny_experiment, tmp_path, flip):
-    from spheregen.runner import make_batch
+    from spheregen.data import collate
+    from spheregen.runner import prepare_batch
 
     cached = tiny_experiment("", LATENT)
     if flip:
         cached.write_text(cached.read_text().replace('channels = 1\n', 'channels = 1\nflip = true\n'))
     trainer = _trainer(cached, tmp_path, "cached")
     trainer.train()
-    n = len(trainer.images)
+    n = len(trainer.examples)
     # the whole split once (twice with flip: both orientations), then never again
     assert trainer.method.tokenizer.encode_calls == n * (2 if flip else 1)
     # a cached micro-batch is exactly the encoding of the batch the uncached path draws
     idx = batch_indices(3, n, 16, 0, 1, 0)
-    x, _ = make_batch(trainer.images, trainer.labels, idx, flip, 0, 3, torch.device("cpu"))
-    assert torch.equal(trainer.latents.batch(idx, flip, 0, 3), trainer.method.encode(x))
+    images, labels = collate([trainer.examples[i] for i in idx.tolist()])
+    x, _ = prepare_batch(images, labels, flip, 0, 3, torch.device("cpu"))
+    assert torch.equal(trainer.latents.batch(idx, flip, 0, 3, torch.device("cpu")), trainer.method.encode(x))
     # and training on it follows the per-step encoding run exactly
     off = tmp_path / "off.toml"
     off.write_text(cached.read_text().replace("[eval]", "cache_latents = \"off\"\n[eval]", 1))
@@ -148,12 +153,66 @@ def test_frozen_tokenizer_latents_are_encoded_once(toy_registries, tiny_experime
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
-def test_latent_cache_respects_the_memory_cap(toy_registries, tiny_experiment, tmp_path):
-    path = tiny_experiment("", LATENT)
-    path.write_text(path.read_text().replace("[eval]", "cache_latents_max_gb = 1e-9\n[eval]", 1))
-    trainer = _trainer(path, tmp_path, "capped")
-    trainer.train()
-    assert trainer.latents is None and trainer.method.tokenizer.encode_calls == 6 * 16
+def test_latents_beyond_the_memory_cap_go_to_disk_and_train_identically(toy_registries, tiny_experiment,
+                                                                        tmp_path):
+    from spheregen.latent_cache import DiskLatents, MemoryLatents
+
+    memory = tiny_experiment("", LATENT)
+    memory.write_text(memory.read_text().replace("channels = 1\n", "channels = 1\nflip = true\n"))
+    capped = tmp_path / "capped.toml"
+    capped.write_text(memory.read_text().replace("[eval]", "cache_latents_max_gb = 1e-9\n[eval]", 1))
+    a, b = _trainer(memory, tmp_path, "mem"), _trainer(capped, tmp_path, "disk")
+    a.train()
+    b.train()
+    assert isinstance(a.latents, MemoryLatents) and isinstance(b.latents, DiskLatents)
+    assert b.method.tokenizer.encode_calls == 2 * len(b.examples)  # both orientations, once
+    losses = [[json.loads(line)["loss"] for line in (t.run_dir / "train_log.jsonl").read_text().splitlines()]
+              for t in (a, b)]
+    assert losses[0] == losses[1]
+    # another method on the same tokenizer and data reuses the files: nothing is encoded
+    other = tmp_path / "other.toml"
+    other.write_text(capped.read_text().replace('name = "lat"', 'name = "lat2"'))
+    c = _trainer(other, tmp_path, "disk")
+    c.train()
+    assert c.method.tokenizer.encode_calls == 0
+
+
+def test_an_interrupted_latent_extraction_resumes(toy_registries, tiny_experiment, tmp_path):
+    import numpy as np
+
+    import spheregen.latent_cache as lat
+
+    exp = load_experiment(tiny_experiment("", LATENT))
+    ws = Workspace(exp, tmp_path / "runs", tmp_path / "reports")
+    examples = ws.data.examples("train")
+    method = ws.build_method(exp.methods[0])
+    real = method.tokenizer.encode
+    calls = []
+
+    def dies_on_the_fourth_batch(x):
+        calls.append(len(x))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(x)
+
+    method.tokenizer.encode = dies_on_the_fourth_batch
+    lat.BATCH, batch = 100, lat.BATCH
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lat.DiskLatents.open(method, examples, True, torch.device("cpu"), tmp_path / "a", progress=False)
+        assert not (tmp_path / "a" / "meta.json").exists()
+        calls.clear()
+        method.tokenizer.encode = real
+        resumed = lat.DiskLatents.open(method, examples, True, torch.device("cpu"), tmp_path / "a", progress=False)
+        whole = lat.DiskLatents.open(method, examples, True, torch.device("cpu"), tmp_path / "b", progress=False)
+    finally:
+        lat.BATCH = batch
+    n_batches = -(-len(examples) // 100)
+    done_before = json.loads(next((tmp_path / "a").glob("progress-*.json")).read_text())["done"]
+    assert len(done_before) == n_batches
+    for o in (0, 1):
+        assert np.array_equal(resumed.arrays[o], whole.arrays[o])
+
 
 
 def test_run_identity_covers_training_not_sampling(toy_registries, tiny_experiment):
@@ -164,6 +223,7 @@ def test_run_identity_covers_training_not_sampling(toy_registries, tiny_experime
     ws = Workspace(exp, "unused-runs", "unused-reports")
     h = run_hash(ws, exp.methods[0])
     for extra, same in (('guidance = 2.0\nsteps = [4]\nsampler = "toy-loop"\n', True),
+                        ("[methods.train]\nlog_every = 7\ncheckpoint_every = 5\ncheckpoint_minutes = 1.0\n", True),
                         ("[methods.train]\nsteps = 7\n", False)):
         path = base.with_name("variant.toml")
         path.write_text(base.read_text() + extra)
@@ -171,19 +231,83 @@ def test_run_identity_covers_training_not_sampling(toy_registries, tiny_experime
         assert (run_hash(Workspace(variant, "r", "p"), variant.methods[0]) == h) is same, extra
 
 
-def test_runs_recorded_with_the_legacy_identity_count_as_trained(toy_registries, tiny_experiment, tmp_path):
-    from spheregen.config import config_hash
+def test_a_run_of_another_identity_is_not_trained(toy_registries, tiny_experiment, tmp_path):
     from spheregen.runner import is_trained
 
     exp = load_experiment(tiny_experiment())
     ws = Workspace(exp, tmp_path / "runs", tmp_path / "reports")
     entry = exp.methods[0]
     train(ws, entry, progress=False)
+    assert is_trained(ws, entry)
     meta = ws.paths.run(entry.name) / "run.json"
     record = json.loads(meta.read_text())
-    record["config_hash"] = config_hash({"data": exp.data, "method": entry, "seed": exp.seed})
-    meta.write_text(json.dumps(record))
-    assert is_trained(ws, entry)
     record["config_hash"] = "somethingelse"
     meta.write_text(json.dumps(record))
     assert not is_trained(ws, entry)
+
+
+def test_loader_workers_give_the_same_weights(toy_registries, tiny_experiment, tmp_path):
+    """Decoding in 2 DataLoader worker processes trains on exactly the batches of the
+    in-process path: the weights are bit-identical."""
+    runs = []
+    for workers in (0, 2):
+        path = tiny_experiment("", '[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\n'
+                                   f'num_workers = {workers}\n')
+        ws = _ws(path, tmp_path / f"w{workers}")
+        train(ws, ws.exp.methods[0], progress=False)
+        runs.append(read_final(ws.paths.final("toy").parent)[0])
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_checkpoints_and_ema_hold_only_trained_parameters(toy_registries, tiny_experiment, tmp_path):
+    """A frozen tokenizer is rebuilt, not copied into every checkpoint and the EMA; a
+    resume puts its parameters back and ends bit-identical (test_resume_is_bit_identical)."""
+    from safetensors.torch import load_file
+
+    path = tiny_experiment("", LATENT + "[methods.train]\nema_decay = 0.9\n")
+    trainer = _trainer(path, tmp_path, "frozen")
+    trainer.train()
+    frozen = {n for n, p in trainer.method.named_parameters() if not p.requires_grad}
+    trained = {n for n, p in trainer.method.named_parameters() if p.requires_grad}
+    assert frozen and trained
+    saved = load_file(str(list_checkpoints(trainer.run_dir / "checkpoints")[-1] / "model.safetensors"))
+    assert {k.removeprefix("method.") for k in saved} & frozen == set()
+    assert trained <= {k.removeprefix("method.") for k in saved}
+    assert set(trainer.ema.state_dict()) == trained
+    model, ema, _ = read_final(trainer.run_dir / "final")
+    assert frozen <= set(model) and set(ema) == trained  # the final file is self-contained
+
+
+def test_tensorboard_tracking_logs_every_loss(toy_registries, tiny_experiment, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ws = _ws(tiny_experiment("", '[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\n'
+                                 'log_with = ["tensorboard"]\n'), tmp_path)
+    train(ws, ws.exp.methods[0], progress=False)
+    # tracking/<method>/ holds the scalars (a sub-folder the recipe as hyper-parameters)
+    acc = EventAccumulator(str(ws.paths.run("toy") / "tracking" / "toy"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert "train/lr" in acc.Tags()["scalars"]
+
+
+def test_a_missing_tracker_package_names_the_extra(toy_registries, tiny_experiment, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    ws = _ws(tiny_experiment("", '[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\n'
+                                 'log_with = ["wandb"]\n'), tmp_path)
+    with pytest.raises(ConfigError, match="'wandb' is not installed: pip install wandb"):
+        train(ws, ws.exp.methods[0], progress=False)
+    assert not ws.paths.run("toy").exists()
+
+
+def test_changing_only_the_log_cadence_keeps_the_run(toy_registries, tiny_experiment, tmp_path):
+    path = tiny_experiment()
+    ws = _ws(path, tmp_path)
+    train(ws, ws.exp.methods[0], progress=False)
+    path.write_text(path.read_text().replace("log_every = 1", "log_every = 2").replace("checkpoint_every = 3",
+                                                                                        "checkpoint_every = 2"))
+    again = _ws(path, tmp_path)
+    train(again, again.exp.methods[0], resume=True, progress=False)  # no "different config" refusal

@@ -7,25 +7,19 @@ import torch
 from torch import nn
 
 from spheregen.config import ConfigError, make_component
-from spheregen.interfaces import BuildContext, DataSpec, Denoiser, Method, Sampler
+from spheregen.api import BuildContext, DataSpec, Denoiser, Method, Sampler, flow_time_grid, shift_noise_level
 from spheregen.plugins import registries
-from spheregen_plugins.baselines.common import resolve_time_shift, shift_noise_level
+from spheregen.workspace import build_component
+from spheregen_plugins.baselines.common import resolve_time_shift
 from spheregen_plugins.baselines.dit import DiT, PRESETS
 from spheregen_plugins.baselines.flow_matching import FlowMatching
-from spheregen_plugins.baselines.samplers import flow_time_grid
 
 TINY_DIT = dict(width=32, depth=2, heads=2, patch_size=2)
 
 
 def make_ctx(size=8, channels=1, num_classes=3):
-    regs = registries()
-
-    def build(kind, component):
-        comp = make_component(kind, component) if isinstance(component, str) else component
-        return regs[kind].build(comp.name, comp.config, ctx)
-
-    ctx = BuildContext(data=DataSpec(image_size=size, channels=channels, num_classes=num_classes), build=build)
-    return ctx
+    return BuildContext.create(build_component, data=DataSpec(image_size=size, channels=channels,
+                                                              num_classes=num_classes))
 
 
 def build(kind, name, ctx=None, **options):
@@ -248,7 +242,7 @@ def test_denoiser_is_sized_to_the_tokenizer_latents():
 
 
 def test_meanflow_needs_two_time_inputs():
-    with pytest.raises(ValueError, match="time_inputs = 2"):
+    with pytest.raises(ConfigError, match="TwoTimeDenoiser.*DiT lacks time_inputs = 2"):
         mf(denoiser={"time_inputs": 1})
 
 

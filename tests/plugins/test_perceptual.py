@@ -4,7 +4,7 @@ so the network is replaced; the missing-file error is tested by its users)."""
 import torch
 from torch import nn
 
-from spheregen_plugins.perceptual import Perceptual
+from spheregen.api import Perceptual
 
 
 class _SeesChannels(nn.Module):

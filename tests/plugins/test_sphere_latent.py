@@ -12,9 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spheregen.config import make_component
 from spheregen.experiment import load_experiment
-from spheregen.interfaces import BuildContext, DataSpec
+from spheregen.api import BuildContext, DataSpec, build_latent_denoiser, decay
 from spheregen.workspace import build_component
-from spheregen_plugins.baselines.common import build_latent_denoiser
 from spheregen_plugins.sphere_latent import sphere
 from spheregen_plugins.sphere_latent.method import SphereLatentConfig, build_sphere_latent
 from spheregen_plugins.sphere_latent.sampler import SphereLatentSamplerConfig, build_sphere_latent_sampler
@@ -27,13 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def context(spec=SPEC, train_data=None):
-    ctx = None
-
-    def build(kind, component):
-        return build_component(kind, component, ctx)
-
-    ctx = BuildContext(data=spec, build=build, train_data=train_data)
-    return ctx
+    return BuildContext.create(build_component, data=spec, train_data=train_data)
 
 
 def tiny_method(**overrides):
@@ -116,9 +109,9 @@ def test_sub_noise_is_a_fraction_of_the_noise():
 
 
 def test_decay_schedules():
-    assert [sphere.decay(t, 4, "linear") for t in (1, 2, 3)] == [0.75, 0.5, 0.25]
-    assert sphere.decay(2, 4, "none") == 1.0
-    assert sphere.decay(2, 4, "cosine") == pytest.approx(math.cos(math.pi / 4))
+    assert [decay(t, 4, "linear") for t in (1, 2, 3)] == [0.75, 0.5, 0.25]
+    assert decay(2, 4, "none") == 1.0
+    assert decay(2, 4, "cosine") == pytest.approx(math.cos(math.pi / 4))
 
 
 # ------------------------------------------------------------------ losses
@@ -249,7 +242,7 @@ def test_gflops_are_one_decode_plus_T_denoiser_passes(guidance):
 def test_paper_scale_denoisers_on_meta(size, expected):
     """'Ours' (130M, AF/OF) and 'Ours-XL/1' (675M, ImageNet): a DiT of that size with
     patch 1 on the RAE's 16×16 grid of 768-d tokens."""
-    ctx = BuildContext(data=DataSpec(image_size=256, channels=3, num_classes=1000), build=None)
+    ctx = context(DataSpec(image_size=256, channels=3, num_classes=1000))
     with torch.device("meta"):
         den = build_latent_denoiser(ctx, make_component("denoiser", "dit", size=size, patch_size=1), (768, 16, 16))
     n = sum(p.numel() for p in den.parameters())

@@ -1,4 +1,4 @@
-"""LPIPS-VGG16 as a frozen loss term, shared by the plugins that train with it (the
+"""LPIPS-VGG16 as a frozen loss term, for the components that train with it (the
 Sphere Encoder's perceptual losses, the RAE decoder)."""
 
 from __future__ import annotations

@@ -1,0 +1,67 @@
+"""Calling a denoiser with a null class, and classifier-free guidance (CFG), once for
+every method and sampler.
+
+The null (unconditional) class is ``labels=None``, or per sample a ``drop`` mask for a
+denoiser with the :class:`~spheregen.interfaces.NullMaskDenoiser` capability. For a
+denoiser with only the minimal ``forward(x, noise_level, labels)``, :func:`call_denoiser`
+splits the batch: kept samples with their labels, dropped ones with ``labels=None``, two
+calls whose results are reassembled in the batch's order. The contract's "samples do not
+interact" makes that the same function; it costs the same network work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from spheregen.interfaces import accepts_keyword
+
+
+def call_denoiser(denoiser: Callable[..., Tensor], x: Tensor, noise_level: Tensor, labels: Tensor | None,
+                  drop: Tensor | None = None, noise_level2: Tensor | None = None, **options: Any) -> Tensor:
+    """``denoiser(x, noise_level, labels[, noise_level2], **options)`` (B×... -> B×...)
+    with the samples where ``drop`` (B bool) is True given the null class: through
+    ``drop=`` when the denoiser takes it, else by splitting the batch (module
+    docstring). Noise levels are B tensors; ``noise_level2`` is passed only when given
+    (a :class:`~spheregen.interfaces.TwoTimeDenoiser`'s second time)."""
+    extra = () if noise_level2 is None else (noise_level2,)
+    if drop is None or labels is None:
+        return denoiser(x, noise_level, labels, *extra, **options)
+    if accepts_keyword(denoiser, "drop"):
+        return denoiser(x, noise_level, labels, *extra, drop=drop, **options)
+    drop = drop.to(device=x.device, dtype=torch.bool)
+    kept, dropped = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
+    parts = [denoiser(x[rows], noise_level[rows], lab, *(t[rows] for t in extra), **options)
+             for rows, lab in ((kept, labels[kept]), (dropped, None)) if len(rows)]
+    return torch.cat(parts)[torch.argsort(torch.cat([kept, dropped]))]
+
+
+def cfg_mix(cond: Tensor, uncond: Tensor, guidance: float) -> Tensor:
+    """The guided output uncond + w·(cond − uncond)."""
+    return uncond + guidance * (cond - uncond)
+
+
+def cfg_passes(guidance: float) -> int:
+    """Network passes per image and evaluation: 2 under guidance (> 1), else 1."""
+    return 2 if guidance > 1 else 1
+
+
+def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
+           guidance: float) -> Tensor:
+    """``fn(x, *times, labels)`` under classifier-free guidance ``guidance`` (<= 1: the
+    plain conditional call); ``times`` are B tensors. When ``fn`` takes a null mask (``drop=``) the conditional
+    and null passes run as one batch of 2B; otherwise as ``fn(..., labels)`` and
+    ``fn(..., None)``. ``fn`` is a denoiser or a method's function of the same shape
+    (``velocity``, ``encode_raw``, ``decode``); B×... -> B×...."""
+    if guidance <= 1:
+        return fn(x, *times, labels)
+    if accepts_keyword(fn, "drop"):
+        b = x.shape[0]
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+        both = fn(torch.cat([x, x]), *(torch.cat([t, t]) for t in times), torch.cat([labels, labels]), drop=drop)
+        cond, uncond = both.chunk(2)
+    else:
+        cond, uncond = fn(x, *times, labels), fn(x, *times, None)
+    return cfg_mix(cond, uncond, guidance)

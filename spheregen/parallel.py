@@ -1,0 +1,146 @@
+"""Independent methods side by side: ``spheregen run --jobs N``.
+
+Each method's training and sampling is independent of the others' once the shared
+stages (data preparation, tokenizer and feature-extractor fitting) have run, so they run
+as jobs on submitit: its local executor on one machine (each job pinned to its share of
+the cores, or to its own GPU), its SLURM executor with ``--launcher slurm`` on a cluster.
+At most N jobs run at once. A job is one method: train (unless its weights exist for the
+same config), then sample (unless its sample files are current); evaluation and the
+report run afterwards in the calling process. Every job computes what a sequential run
+computes: at equal intra-op thread counts the results are bit-identical.
+
+A failing job is reported with its log and the tail of its error; the others finish and
+keep their results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from spheregen.errors import SpheregenError
+
+
+@attrs.frozen(kw_only=True)
+class JobSpec:
+    """What one job needs to rebuild the experiment in its own process."""
+
+    experiment: str
+    overrides: tuple[str, ...]
+    runs_dir: str
+    reports_dir: str
+    method: str
+    threads: int
+    cpus: tuple[int, ...] = ()
+    device: str | None = None
+    resume: bool = False
+    fresh: bool = False
+
+
+def method_job(spec: JobSpec) -> str:
+    """Train and sample one method (runs in the job's process)."""
+    import torch
+
+    from spheregen.evaluation import sample_entry, samples_current
+    from spheregen.experiment import load_experiment
+    from spheregen.runner import is_trained, train
+    from spheregen.workspace import Workspace
+
+    if spec.cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cpus)
+    torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device) if spec.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ws = Workspace(load_experiment(spec.experiment, spec.overrides), spec.runs_dir, spec.reports_dir, device)
+    entry = ws.exp.method(spec.method)
+    if spec.resume or spec.fresh or not is_trained(ws, entry):
+        train(ws, entry, resume=spec.resume, fresh=spec.fresh)
+    if spec.fresh or not samples_current(ws, entry):
+        sample_entry(ws, entry, device)
+    return spec.method
+
+
+def core_shares(jobs: int) -> list[tuple[int, ...]]:
+    """This process's CPUs split into ``jobs`` contiguous shares (as even as they go)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    jobs = max(1, min(jobs, len(cpus)))
+    size, extra = divmod(len(cpus), jobs)
+    shares, start = [], 0
+    for i in range(jobs):
+        end = start + size + (1 if i < extra else 0)
+        shares.append(tuple(cpus[start:end]))
+        start = end
+    return shares
+
+
+def make_executor(launcher: str, folder: Path, options: dict[str, Any]) -> Any:
+    """submitit's local executor, or its SLURM one with the cluster options."""
+    import submitit
+
+    if launcher == "local":
+        return submitit.LocalExecutor(folder)
+    if launcher != "slurm":
+        raise SpheregenError(f"--launcher {launcher!r}: choose local or slurm")
+    executor = submitit.AutoExecutor(folder, cluster="slurm")
+    params = {"timeout_min": options.get("time_min") or 24 * 60, "gpus_per_node": options.get("gpus") or 0,
+              "cpus_per_task": options.get("cpus") or 1, "tasks_per_node": 1, "nodes": 1}
+    if options.get("partition"):
+        params["slurm_partition"] = options["partition"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def _progress(ws: Any, name: str) -> str:
+    """'step s/S' from a method's training log, 'sampling' once it has weights."""
+    if ws.paths.final(name).is_file():
+        return "sampling"
+    log = ws.paths.run(name) / "train_log.jsonl"
+    try:
+        last = log.read_text().strip().splitlines()[-1]
+        return f"step {json.loads(last)['step']}/{ws.exp.method(name).train.steps}"
+    except (OSError, IndexError, ValueError, KeyError):
+        return "starting"
+
+
+def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, executor: Any,
+             gpus: list[int] | None = None, poll_s: float = 1.0, report_s: float = 15.0) -> list[str]:
+    """Run one job per method, at most ``jobs`` at once; returns the failed methods
+    (each reported with its log on stderr). ``gpus``: one GPU index per slot."""
+    shares = core_shares(jobs) if gpus is None else [() for _ in gpus]
+    slots = list(range(len(shares)))
+    queue, running, failed = list(names), {}, []
+    last_report = 0.0
+    while queue or running:
+        while queue and slots:
+            slot = slots.pop(0)
+            name = queue.pop(0)
+            spec = attrs.evolve(specs[name], cpus=shares[slot])
+            if gpus is not None:
+                executor.update_parameters(visible_gpus=(gpus[slot],), gpus_per_node=1)
+            running[name] = (slot, executor.submit(method_job, spec))
+        for name, (slot, job) in list(running.items()):
+            if job.done():
+                del running[name]
+                slots.append(slot)
+                _finish(name, job, failed)
+        if time.monotonic() - last_report >= report_s and running:
+            status = " · ".join(f"{n} {_progress(ws, n)}" for n in running)
+            print(f"[jobs] {status}" + (f" · queued: {', '.join(queue)}" if queue else ""), file=sys.stderr)
+            last_report = time.monotonic()
+        time.sleep(poll_s)
+    return failed
+
+
+def _finish(name: str, job: Any, failed: list[str]) -> None:
+    try:
+        job.result()
+        print(f"[jobs] {name}: done", file=sys.stderr)
+    except Exception as exc:  # submitit re-raises the job's error with its traceback text
+        failed.append(name)
+        tail = "\n".join(str(exc).strip().splitlines()[-6:])
+        print(f"[jobs] {name}: FAILED (log: {job.paths.stderr})\n{tail}", file=sys.stderr)

@@ -1,0 +1,71 @@
+"""`spheregen run --jobs 2`: methods as parallel submitit jobs, with results equal to a
+sequential run at the same thread count, and a failing job that loses nothing else."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from spheregen.cli import main
+
+EXPERIMENT = '''name = "par"
+seed = 0
+[data]
+source = "digits"
+image_size = 8
+channels = 1
+[train]
+steps = 8
+batch_size = 32
+lr = 0.003
+log_every = 2
+[eval]
+steps = [1, 2]
+num_samples = 40
+batch_size = 20
+throughput_batch = 4
+metrics = [{ name = "fid", features = "domain-classifier" }]
+[[methods]]
+name = "fm-a"
+method = { name = "flow-matching", tokenizer = { name = "patch", patch_size = 1 }, denoiser = { name = "dit", width = 32, depth = 1, heads = 2, patch_size = 2 } }
+[[methods]]
+name = "fm-b"
+method = { name = "flow-matching", tokenizer = { name = "patch", patch_size = 1 }, denoiser = { name = "dit", width = 32, depth = 2, heads = 2, patch_size = 2 } }
+guidance = 2.0
+'''
+TIMING = {"images_per_s", "latency_s", "latency_b1_s", "peak_memory_mb", "torch_threads"}
+
+
+def _run(tmp_path, name, *extra):
+    exp = tmp_path / "par.toml"
+    exp.write_text(EXPERIMENT)
+    dirs = ["--runs-dir", str(tmp_path / name / "runs"), "--reports-dir", str(tmp_path / name / "reports")]
+    return main(["run", str(exp), *dirs, "--threads", "1", *extra])
+
+
+def test_two_jobs_equal_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    assert _run(tmp_path, "seq") == 0
+    assert _run(tmp_path, "par", "--jobs", "2") == 0
+    a, b = (pl.read_parquet(tmp_path / n / "reports" / "par" / "results.parquet").sort(["method", "steps"])
+            for n in ("seq", "par"))
+    columns = [c for c in a.columns if c not in TIMING]
+    assert a.select(columns).equals(b.select(columns))
+    assert a["fid"].null_count() == 0
+
+
+def test_a_failing_job_keeps_the_others(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    broken = EXPERIMENT.replace("guidance = 2.0\n", "guidance = 2.0\n[methods.train]\nlr = 1e30\n")
+    (tmp_path / "par.toml").write_text(broken)
+    dirs = ["--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")]
+    code = main(["run", str(tmp_path / "par.toml"), *dirs, "--threads", "1", "--jobs", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fm-b: FAILED" in err and "non-finite loss" in err and "fm-a: done" in err
+    rows = pl.read_parquet(tmp_path / "reports" / "par" / "results.parquet")
+    assert set(rows["method"]) == {"fm-a"}
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert _run(tmp_path, "x", "--jobs", "0") == 2
+    assert "--jobs 0" in capsys.readouterr().err
