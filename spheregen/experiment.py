@@ -53,6 +53,11 @@ def _betas(_inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -
         raise ValueError(f"'{attribute.name}' must be two numbers in [0, 1), got {list(value)}")
 
 
+def _grid_classes(attribute: attrs.Attribute, value: int | tuple[int, ...]) -> None:
+    if isinstance(value, int) and value < 1 or isinstance(value, tuple) and (not value or min(value) < 0):
+        raise ValueError(f"'{attribute.name}' must be a count >= 1 or a non-empty list of class indices, got {value}")
+
+
 def _steps(_inst: Any, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
     if value is None:
         return
@@ -150,6 +155,10 @@ class EvalConfig:
     metrics: tuple[Component, ...] = attrs.field(factory=tuple, metadata={"kind": "metric"})
     reference: Literal["train", "test"] = "train"
     grid_per_class: int = attrs.field(default=8, validator=positive)
+    # rows of the sample grids: this many classes, evenly spread over the class range
+    # (10 of ImageNet's 1,000: 0, 111, 222, ...), or the listed class indices
+    grid_classes: int | tuple[int, ...] = attrs.field(default=10, validator=lambda _i, a, v: _grid_classes(a, v),
+                                                      metadata={"omit_if_default": True})
     use_ema: bool = True
     seed: int = 2  # in [0, 2**32), checked for every seed by spheregen.config
     throughput_batch: int = attrs.field(default=64, validator=positive)

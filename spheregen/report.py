@@ -88,6 +88,28 @@ def _cell(col: Column, value: object) -> str:
     return _fmt(value, col.format, col.scale)
 
 
+class Best(str):
+    """A table cell holding the best value of its column (bold in every rendering)."""
+
+
+def mark_best(cols: list[Column], rows: list[list[str]], values: list[list[object]]) -> list[list[str]]:
+    """``rows`` with, in each column that declares ``better``, the best finite value(s)
+    wrapped in :class:`Best` (``values``: the raw numbers behind the cells)."""
+    out = [list(r) for r in rows]
+    for j, col in enumerate(cols):
+        if col.better not in ("lower", "higher"):
+            continue
+        nums = [(i, float(v[j])) for i, v in enumerate(values) if not _missing(v[j]) and math.isfinite(float(v[j]))]
+        if len({x for _, x in nums}) < 2:  # one value, or all equal: nothing stands out
+            continue
+        pick = min if col.better == "lower" else max
+        best = pick(x for _, x in nums)
+        for i, x in nums:
+            if x == best:
+                out[i][j] = Best(out[i][j])
+    return out
+
+
 def _features_header(header: str, features: pl.Series) -> str:
     """``FID`` -> ``FID[inception, ...]``: which feature extractor(s) the distance used."""
     feats = sorted({str(f) for f in features.drop_nulls()})
@@ -128,8 +150,9 @@ def results_rows(ws: Workspace, df: pl.DataFrame) -> tuple[list[str], list[list[
     cols = [c for c in RUN_COLUMNS if c.key in df.columns] + metric_columns(ws, df.columns)
     cols += [c for c in COST_COLUMNS if c.key in df.columns]
     header = [_header(c, df, f"{c.key}_features") for c in cols]
-    rows = [[_cell(c, r[c.key]) for c in cols] for r in df.sort(["method", "steps"]).iter_rows(named=True)]
-    return header, rows
+    records = list(df.sort(["method", "steps"]).iter_rows(named=True))
+    values = [[r[c.key] for c in cols] for r in records]
+    return header, mark_best(cols, [[_cell(c, r[c.key]) for c in cols] for r in records], values)
 
 
 def headline(ws: Workspace, df: pl.DataFrame) -> Column | None:
@@ -147,14 +170,15 @@ def steps_rows(df: pl.DataFrame, head: Column | None) -> tuple[list[str], list[l
     has_gflops = gflops.key in df.columns
     header = (["method"] + [f"{head.label}@{k}" for k in steps]
               + ([f"GFLOPs@{k}" for k in steps] if has_gflops else []))
-    rows = []
+    rows, raw = [], []
+    cols = [Column(key="method", label="method")] + [head] * len(steps) + ([gflops] * len(steps) if has_gflops else [])
     for method in df["method"].unique(maintain_order=True).to_list():
         by_steps = {r["steps"]: r for r in df.filter(pl.col("method") == method).iter_rows(named=True)}
-        values = [_cell(head, by_steps[k][head.key]) if k in by_steps else "–" for k in steps]
-        gfl = [_cell(gflops, by_steps[k][gflops.key]) if k in by_steps else "–"
-               for k in steps] if has_gflops else []
-        rows.append([method, *values, *gfl])
-    return header, rows
+        nums = [by_steps[k][head.key] if k in by_steps else None for k in steps]
+        gfl = [by_steps[k][gflops.key] if k in by_steps else None for k in steps] if has_gflops else []
+        raw.append([method, *nums, *gfl])
+        rows.append([method] + [_cell(c, v) for c, v in zip(cols[1:], nums + gfl)])
+    return header, mark_best(cols, rows, raw)
 
 
 def reconstruction_columns(ws: Workspace, toks: pl.DataFrame) -> list[Column]:
@@ -171,17 +195,22 @@ def tokenizer_rows(ws: Workspace, toks: pl.DataFrame) -> tuple[list[str], list[l
     cols = [c for c in TOKENIZER_HEAD if c.key in toks.columns] + reconstruction_columns(ws, toks)
     cols += [c for c in TOKENIZER_TAIL if c.key in toks.columns]
     header = [_header(c, toks, "features") for c in cols]
-    rows = []
+    rows, values = [], []
     for r in toks.iter_rows(named=True):
         if r.get("methods"):
             r["methods"] = ", ".join(m.strip() for m in str(r["methods"]).split(",") if m.strip())
         rows.append([_cell(c, r[c.key]) for c in cols])
-    return header, rows
+        values.append([r[c.key] for c in cols])
+    return header, mark_best(cols, rows, values)
+
+
+def _md_cell(cell: str) -> str:
+    return f"**{cell}**" if isinstance(cell, Best) else cell
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
 
 
 
@@ -192,7 +221,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _save_fig(fig: plt.Figure, path: Path) -> None:
+    """``path`` (PNG, for the pages) and the same figure as PDF beside it (for papers)."""
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path.with_suffix(".pdf"), lambda p: fig.savefig(p, format="pdf", bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -228,29 +259,82 @@ def _mark_pareto(ax: plt.Axes, df: pl.DataFrame, col: Column) -> None:
     ax.scatter(x, y, s=150, facecolors="none", edgecolors="k", linewidths=1.2, zorder=3)
 
 
+# x axes of the headline plots: (column, file-name part, axis label, log base)
+HEADLINE_AXES = (
+    ("steps", "steps", "sampling steps", 2),
+    ("gflops_per_image", "gflops", "GFLOPs per image (true FLOPs, CFG passes included)", 10),
+    ("images_per_s", "images_per_s", "images/s at the throughput batch", 10),
+    ("train_gflops_total", "train_compute", "training compute (GFLOPs, forward + backward)", 10),
+)
+
+
+def _point_labels(ax: plt.Axes, g: pl.DataFrame, x: str, y: str) -> None:
+    """Each point labelled with its step count (and NFE when it differs)."""
+    for r in g.iter_rows(named=True):
+        if _missing(r[x]) or _missing(r[y]):
+            continue
+        nfe = r.get("nfe")
+        text = f"{r['steps']}" + (f" ({nfe} NFE)" if nfe is not None and nfe != r["steps"] else "")
+        ax.annotate(text, (r[x], r[y]), textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.25")
+
+
 def plot_headline(df: pl.DataFrame, col: Column | None, out: Path, suffix: str = "") -> list[Path]:
-    """``<key>_vs_steps<suffix>.png`` and ``<key>_vs_gflops<suffix>.png`` of the headline
-    column ``col`` (``fid_vs_steps.png``); [] without one."""
+    """``<key>_vs_<x><suffix>.png`` (and .pdf) of the headline column ``col`` (FID) against
+    steps, GFLOPs per image (Pareto front marked), images/s and training compute, each
+    where the results have that column; points labelled with steps (NFE); [] without a
+    headline column."""
     if col is None:
         return []
+    ylabel = _header(col, df, f"{col.key}_features")
     paths = []
-    for x in ("steps", "gflops_per_image"):
-        if x not in df.columns:
+    for x, name, xlabel, base in HEADLINE_AXES:
+        if x not in df.columns or df.filter(_finite(x) & _finite(col.key)).is_empty():
             continue
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
         for method, g in df.sort("steps").group_by("method", maintain_order=True):
             ax.plot(g[x], g[col.key], marker="o", label=method[0], zorder=2)
+            if x != "steps":
+                _point_labels(ax, g, x, col.key)
         if x == "gflops_per_image":
             _mark_pareto(ax, df, col)
-        ax.set_xscale("log", base=2 if x == "steps" else 10)
-        ax.set_xlabel("sampling steps" if x == "steps" else "GFLOPs per image")
-        ax.set_ylabel(col.label)
+        ax.set_xscale("log", base=base)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{ylabel} ({col.better} is better)" if col.better else ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"{col.key}_vs_{'steps' if x == 'steps' else 'gflops'}{suffix}.png"
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)  # outside the data
+        path = out / f"{col.key}_vs_{name}{suffix}.png"
         _save_fig(fig, path)
         paths.append(path)
     return paths
+
+
+def plot_training(ws: Workspace, methods: list[str], out: Path) -> Path | None:
+    """``training_loss.png``: each method's training loss by step, from its
+    ``train_log.jsonl`` (None when no log is at hand, e.g. a report copied elsewhere)."""
+    import json
+
+    curves = {}
+    for method in methods:
+        log = ws.paths.run(method) / "train_log.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+        if rows:
+            curves[method] = ([r["step"] for r in rows], [r["loss"] for r in rows])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, (steps, loss) in curves.items():
+        ax.plot(steps, loss, label=method, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (each method's own objective)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    path = out / "training_loss.png"
+    _save_fig(fig, path)
+    return path
 
 
 def _floats(df: pl.DataFrame, col: str) -> list[float]:
@@ -286,9 +370,24 @@ def plot_tokenizers(toks: pl.DataFrame, scores: list[Column], out: Path) -> Path
 # ---------------------------------------------------------------------------------- grids
 
 
-def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> np.ndarray:
-    """uint8 H'×W'×C grid: one row per class, ``per_class`` samples each."""
-    classes = sorted(set(labels.tolist()))
+def grid_classes(labels: torch.Tensor, chosen: int | tuple[int, ...]) -> list[int]:
+    """The classes a grid shows: ``chosen`` of them spread evenly over the classes
+    present (all when there are no more), or the listed ones that are present."""
+    present = sorted(set(labels.tolist()))
+    if isinstance(chosen, tuple):
+        return [c for c in chosen if c in present]
+    if len(present) <= chosen:
+        return present
+    if chosen == 1:
+        return present[:1]
+    return [present[round(i * (len(present) - 1) / (chosen - 1))] for i in range(chosen)]
+
+
+def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int,
+                classes: list[int] | None = None) -> np.ndarray:
+    """uint8 H'×W'×C grid: one row per class of ``classes`` (default: every class
+    present), ``per_class`` samples each."""
+    classes = sorted(set(labels.tolist())) if classes is None else classes
     rows = []
     for c in classes:
         picked = images[labels == c][:per_class]
@@ -308,16 +407,34 @@ def grid_name(method: str, steps: int) -> str:
     return f"grid_{method}_steps{steps}.png"
 
 
+def labelled_grid(grid: np.ndarray, classes: list[int]) -> Image.Image:
+    """The grid (upscaled while narrower than 256 px: small digits are unreadable at 1:1)
+    with each row's class index written in a left margin."""
+    from PIL import ImageDraw
+
+    img = Image.fromarray(grid).convert("RGB")
+    while img.width < 256:
+        img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    row = img.height / max(1, len(classes))
+    margin = 8 + 7 * max(len(str(c)) for c in classes) if classes else 0
+    canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+    canvas.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, c in enumerate(classes):
+        draw.text((3, i * row + row / 2 - 5), str(c), fill="black")
+    return canvas
+
+
 def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
-    """One PNG per method × steps row; a missing sample file names itself and its command."""
+    """One PNG per method × steps row: ``eval.grid_classes`` classes (rows, labelled),
+    ``eval.grid_per_class`` samples each; a missing sample file names itself and its
+    command."""
     paths = []
     for method, steps in _grid_keys(df):
         images, labels = load_samples(ws.paths.samples(method, steps))
-        grid = sample_grid(images, labels, ws.exp.eval.grid_per_class)
+        classes = grid_classes(labels, ws.exp.eval.grid_classes)
+        img = labelled_grid(sample_grid(images, labels, ws.exp.eval.grid_per_class, classes), classes)
         path = out / grid_name(method, steps)
-        img = Image.fromarray(grid)
-        if img.width < 256:  # small digits are unreadable at 1:1
-            img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
         atomic_write(path, lambda p: img.save(p, format="PNG"))
         paths.append(path)
     return paths
@@ -400,8 +517,11 @@ def tokenizer_blocks(ws: Workspace, toks: pl.DataFrame, out: Path) -> list[Block
     ]
 
 
-def grid_blocks(df: pl.DataFrame) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Samples"), ("p", "One row per class.")]
+def grid_blocks(ws: Workspace, df: pl.DataFrame) -> list[Block]:
+    chosen = ws.exp.eval.grid_classes
+    rows = f"the classes {list(chosen)}" if isinstance(chosen, tuple) else f"up to {chosen} classes, evenly spread"
+    blocks: list[Block] = [("h", 2, "Samples"), ("p", f"One row per class ({rows}; the class index at the left), "
+                                                     f"{ws.exp.eval.grid_per_class} samples each.")]
     for method in sorted(df["method"].unique().to_list()):
         steps = [s for m, s in _grid_keys(df) if m == method]
         blocks += [("h", 3, method), ("images", [(grid_name(method, s), f"{s} step(s)") for s in steps])]
@@ -421,8 +541,49 @@ def report_blocks(ws: Workspace, df: pl.DataFrame, toks: pl.DataFrame | None, ou
         blocks += dataset_blocks(ws, dataset, part, out, suffix)
     if toks is not None and len(toks):
         blocks += tokenizer_blocks(ws, toks, out)
+    blocks += training_blocks(ws, df, out)
+    blocks += difference_blocks(ws, df)
     write_grids(ws, df, out)
-    return blocks + grid_blocks(df)
+    return blocks + grid_blocks(ws, df)
+
+
+def training_blocks(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Block]:
+    """The training-loss curves, when the runs' logs are at hand."""
+    plot = plot_training(ws, df["method"].unique(maintain_order=True).to_list(), out)
+    if plot is None:
+        return []
+    return [("h", 2, "Training"), ("p", "Training loss by optimizer step (`runs/<experiment>/<method>/"
+                                        "train_log.jsonl`); each method's own objective, so compare shapes, not "
+                                        "levels, across methods."), ("images", [(plot.name, "training loss")])]
+
+
+def config_differences(ws: Workspace, methods: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(keys, rows): the configuration keys (method options, training recipe, sampler,
+    guidance, steps) whose values differ between the given methods, one row each."""
+    from spheregen.config import to_dict
+
+    def flat(obj: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(obj, dict):
+            return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): obj}
+
+    configs = {m: flat({k: v for k, v in to_dict(ws.exp.method(m)).items() if k != "name"}) for m in methods}
+    keys = sorted({k for c in configs.values() for k in c})
+    differ = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+    return differ, [[m] + ["–" if configs[m].get(k) is None else str(configs[m][k]) for k in differ] for m in methods]
+
+
+def difference_blocks(ws: Workspace, df: pl.DataFrame, limit: int = 8) -> list[Block]:
+    """An ablation's table of what differs between its rows (the methods share a method
+    plugin and differ in at most ``limit`` keys; other comparisons differ in everything)."""
+    methods = [m for m in df["method"].unique(maintain_order=True).to_list() if m in {e.name for e in ws.exp.methods}]
+    plugins = {ws.exp.method(m).method.name for m in methods}
+    if len(methods) < 2 or len(plugins) > 1:
+        return []
+    keys, rows = config_differences(ws, methods)
+    if not keys or len(keys) > limit:
+        return []
+    return [("h", 2, "What differs between the rows"), ("table", ["method", *keys], rows)]
 
 
 # ---------------------------------------------------------------------------------- render
@@ -443,13 +604,45 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
+                 "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _tex_table(caption: str, header: list[str], rows: list[list[str]]) -> str:
+    """One booktabs table: first column left-aligned, the rest right; best values bold."""
+    cells = lambda r: " & ".join(rf"\textbf{{{_tex(c)}}}" if isinstance(c, Best) else _tex(c) for c in r)  # noqa: E731
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", r"\small",
+             rf"\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", r"\toprule", " & ".join(map(_tex, header)) + r" \\",
+             r"\midrule", *[cells(r) + r" \\" for r in rows], r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def to_latex(blocks: list[Block], title: str) -> str:
+    """Every table of the report as a LaTeX booktabs table, captioned with the heading
+    above it (``\\usepackage{booktabs}``); best values in bold."""
+    parts = [f"% {title}: tables generated by spheregen from results.parquet; needs \\usepackage{{booktabs}}"]
+    caption = title
+    for block in blocks:
+        if block[0] == "h":
+            caption = block[2]
+        elif block[0] == "table":
+            parts.append(_tex_table(caption, block[1], block[2]))
+    return "\n\n".join(parts) + "\n"
+
+
 def _inline(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td><b>{html.escape(c)}</b></td>" if isinstance(c, Best) else
+                                    f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in rows)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
@@ -507,6 +700,7 @@ def build_report(ws: Workspace) -> Path:
     with DirLock(out, "report folder"):  # one writer of reports/<experiment>/ at a time
         blocks = report_blocks(ws, read_results(ws), read_tokenizers(out), out)
         atomic_write_text(out / "index.html", to_html(blocks, f"{ws.exp.name}: results", out))
+        atomic_write_text(out / "results.tex", to_latex(blocks, f"{ws.exp.name}: results"))
         path = out / "results.md"
         atomic_write_text(path, to_markdown(blocks))
     return path

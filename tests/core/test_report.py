@@ -74,14 +74,16 @@ def test_markdown_tables(ws):
     md = build_report(ws).read_text()
     assert "## Dataset: digits" in md
     assert "| method | steps | FID[toy] | CMMD | GFLOPs/img | latency b=1 (ms) | peak mem (MB) |" in md
-    assert "| ae-a | 1 | 50.00 | 0.500 | 1.000 | 12.3 | 100.0 |" in md
+    # the best value of each column that declares a direction is bold
+    assert "| ae-a | 1 | 50.00 | 0.500 | **1.000** | **12.3** | **100.0** |" in md
+    assert "| ae-a | 2 | **30.00** | **0.400** | 2.000 | 24.6 | **100.0** |" in md
     assert "| ae-b | 1 | 40.00 | – | 1.500 | 20.0 | 120.5 |" in md  # null
     assert "| ae-b | 2 | 35.00 | – | 3.000 | 40.0 | 120.5 |" in md  # NaN
     assert "| method | FID@1 | FID@2 | GFLOPs@1 | GFLOPs@2 |" in md
-    assert "| ae-a | 50.00 | 30.00 | 1.000 | 2.000 |" in md
+    assert "| ae-a | 50.00 | **30.00** | **1.000** | **2.000** |" in md and "| ae-b | **40.00** | 35.00 |" in md
     assert "## Tokenizers: reconstruction" in md
     assert "| tokenizer | used by | rFID[toy] | PSNR (dB) | images |" in md
-    assert "| patch | ae-a, ae-b | – | 21.50 | 40 |" in md and "| rae | ae-b | 3.25 | 18.00 | 40 |" in md
+    assert "| patch | ae-a, ae-b | – | **21.50** | 40 |" in md and "| rae | ae-b | 3.25 | 18.00 | 40 |" in md
     for name in (*PLOTS, "grid_ae-a_steps1.png", "grid_ae-b_steps2.png"):
         assert (ws.paths.report / name).is_file() and f"]({name})" in md, name
 
@@ -188,7 +190,7 @@ def test_a_plugin_metrics_columns_reach_the_report(ws, toy_registries):
         ws.paths.report / "results.parquet")
     md = build_report(ws).read_text()
     assert "| method | steps | FID[toy] | CMMD | toy score ↑ | toy_raw | GFLOPs/img |" in md
-    assert "| ae-a | 1 | 50.00 | 0.500 | 123.5 | 7 | 1.000 |" in md
+    assert "| ae-a | 1 | 50.00 | 0.500 | 123.5 | 7 | **1.000** |" in md
     page = (ws.paths.report / "index.html").read_text()
     assert "<th>toy score ↑</th>" in page and "<td>123.5</td>" in page and "<th>toy_raw</th>" in page
     assert "toy_hidden" not in md  # a declaring metric's undeclared key stays in the parquet
@@ -206,3 +208,54 @@ def test_a_plugin_metric_runs_end_to_end(toy_registries, tiny_experiment, tmp_pa
     md, page = (report / "results.md").read_text(), (report / "index.html").read_text()
     assert "| NFE | toy score ↑ | toy_raw | GFLOPs/img |" in md and "<th>toy score ↑</th>" in page
     assert "| 40 |" in md and "<td>40</td>" in page
+
+
+def test_latex_pdf_and_best_values(ws):
+    build_report(ws)
+    tex = (ws.paths.report / "results.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{30.00}" in tex
+    assert r"FID[toy]" in tex and r"GFLOPs/img" in tex and r"\caption{By step count}" in tex
+    for plot in PLOTS:
+        assert (ws.paths.report / plot).with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_fid_against_speed_is_plotted_when_timed(ws):
+    df = pl.read_parquet(ws.paths.report / "results.parquet")
+    df.with_columns(images_per_s=pl.Series([100.0, 50.0, 80.0, 40.0]), nfe=pl.Series([1, 2, 2, 4])) \
+        .write_parquet(ws.paths.report / "results.parquet")
+    md = build_report(ws).read_text()
+    assert "fid_vs_images_per_s.png" in md and (ws.paths.report / "fid_vs_images_per_s.pdf").is_file()
+
+
+def test_grids_show_a_bounded_labelled_set_of_classes(ws):
+    from spheregen.report import grid_classes
+
+    labels = torch.arange(1000) % 1000
+    assert grid_classes(labels, 10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert grid_classes(labels, (5, 7, 2000)) == [5, 7]
+    assert grid_classes(torch.arange(4), 10) == [0, 1, 2, 3]
+    ws.exp = __import__("attrs").evolve(ws.exp, eval=__import__("attrs").evolve(ws.exp.eval, grid_classes=3))
+    build_report(ws)
+    with Image.open(ws.paths.report / "grid_ae-a_steps1.png") as img:
+        # 3 rows of 8×8 digits, upscaled ×4 to reach 256 px wide (8 per row), plus a label margin
+        assert img.height == 3 * 8 * 4 and img.width > 8 * 8 * 4
+
+
+def test_an_ablation_names_what_differs(toy_registries, tiny_experiment, tmp_path):
+    from spheregen.report import config_differences
+
+    methods = METHODS.replace('name = "ae-b"\nmethod = "toy-ae"\n',
+                              'name = "ae-b"\nmethod = { name = "toy-ae", channels = 4 }\nguidance = 2.0\n')
+    ws = Workspace(load_experiment(tiny_experiment(methods=methods)), tmp_path / "r", tmp_path / "p")
+    keys, rows = config_differences(ws, ["ae-a", "ae-b"])
+    assert keys == ["guidance", "method.channels"]
+    assert rows == [["ae-a", "1.0", "8"], ["ae-b", "2.0", "4"]]
+
+
+def test_training_curves_come_from_the_logs(toy_registries, tiny_experiment, tmp_path):
+    from spheregen.cli import main
+
+    exp = tiny_experiment()
+    assert main(["run", str(exp), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "tiny" / "results.md").read_text()
+    assert "## Training" in md and (tmp_path / "rep" / "tiny" / "training_loss.png").is_file()
