@@ -342,3 +342,34 @@ def measure_peak_memory(fn: Callable[[], Any], module: torch.nn.Module | None = 
     with torch.no_grad(), tracker:
         fn()
     return tracker.peak
+
+
+def count_training_flops(method: Any, image_shape: Sequence[int], num_classes: int, batch: int = 4) -> FlopCount:
+    """FLOPs per image of one training step's forward and backward (optimizer update not
+    counted), at ``batch`` random images of ``image_shape`` (C, H, W) on the method's
+    device (losses log floats, so this runs for real: one small step). A method on a
+    frozen tokenizer (:class:`~spheregen.interfaces.LatentMethod`) trains on cached
+    latents, so its step is ``latent_loss`` on latents; encoding them once is a separate
+    cost. The method's gradients are cleared afterwards."""
+    from spheregen.interfaces import LatentMethod, has
+
+    device = _module_device(method)
+    labels = torch.arange(batch, device=device) % max(1, num_classes)
+    if has(method, LatentMethod) and not getattr(method.tokenizer, "trainable", True):
+        inputs = torch.randn(batch, *method.tokenizer.latent_shape, device=device)
+        step = lambda: method.latent_loss(inputs, labels)  # noqa: E731
+    else:
+        inputs = torch.rand(batch, *image_shape, device=device) * 2 - 1
+        step = lambda: method.loss(inputs, labels)  # noqa: E731
+    counter = FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_formula})
+    was_training = method.training
+    method.train()
+    try:
+        with torch.enable_grad(), counter:
+            loss, _ = step()
+            loss.backward()
+    finally:
+        method.zero_grad(set_to_none=True)
+        method.train(was_training)
+    total = sum(int(n) for n in counter.get_flop_counts().get("Global", {}).values())
+    return FlopCount(total=total // batch, attention=0, by_op={}, images=batch)
