@@ -33,6 +33,8 @@ WORK = ("train", "run", "sample", "evaluate")  # commands that train, sample or 
 
 
 def _workspace(args: argparse.Namespace) -> Workspace:
+    if args.offline:
+        os.environ["SPHEREGEN_OFFLINE"] = "1"
     threads = _threads(args.threads)
     if threads:
         # on a shared CPU, fewer intra-op threads than busy cores avoids OpenMP barrier
@@ -275,6 +277,8 @@ def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one experiment key (repeatable; dotted: train.steps=5, eval.num_samples=100, "
                         "methods.NAME.train.lr=1e-3); typed and checked as in the file, recorded in the results")
+    p.add_argument("--offline", action="store_true",
+                   help="download no pretrained weights (as SPHEREGEN_OFFLINE=1 or HF_HUB_OFFLINE=1)")
     p.add_argument("--threads", default=None,
                    help="torch CPU threads (default: torch's choice; env SPHEREGEN_THREADS)")
     if methods:

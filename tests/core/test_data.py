@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,10 +121,11 @@ def test_declared_num_classes_is_checked_and_keeps_the_data_key():
         _ = wrong.spec
 
 
-def test_weights_lookup_never_downloads(empty_hub, tmp_path):
-    """A missing file is a WeightsError naming it (and its other published names), its
-    folder, its URL and the alternative; the session guard (tests/conftest.py) refuses
-    the downloaders behind torchvision/lpips/torch-fidelity and timm in every test."""
+def test_weights_lookup_offline_never_downloads(empty_hub, tmp_path):
+    """Offline (the test suite sets HF_HUB_OFFLINE=1), a missing file is a WeightsError
+    naming it (and its other published names), its folder, its URL and the alternative;
+    the session guard (tests/conftest.py) refuses the downloaders behind
+    torchvision/lpips/torch-fidelity and timm in every test."""
     import timm.models._hub
     import torch
 
@@ -159,3 +162,36 @@ def test_adm_center_crop_matches_the_reference_recipe():
     y, x = (arr.shape[0] - 64) // 2, (arr.shape[1] - 64) // 2
     want = torch.from_numpy(arr[y:y + 64, x:x + 64].transpose(2, 0, 1).copy())
     assert torch.equal(prepare_image(img, 64, 3, "adm-center-crop"), want)
+
+
+def test_weights_are_downloaded_on_first_use_when_online(empty_hub, monkeypatch):
+    """Online, torch hub's downloader fetches a missing file into the hub cache (the
+    downloader is replaced: tests never reach the network); a failed download is the
+    same WeightsError, naming the URL, not a library traceback."""
+    import torch
+
+    from spheregen.errors import WeightsError
+    from spheregen.weights import require_hub_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("SPHEREGEN_OFFLINE", raising=False)
+    fetched = []
+
+    def fake_download(url, dst, progress=True):
+        fetched.append(url)
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    path = require_hub_file(["w.pth", "alias.pth"], "https://example.invalid/w.pth", "the thing", "set x = 0")
+    assert path == empty_hub / "w.pth" and path.read_bytes() == b"weights" and fetched == ["https://example.invalid/w.pth"]
+    assert require_hub_file("w.pth", "u", "t", "a") == path and len(fetched) == 1  # cached now
+
+    def no_network(url, dst, progress=True):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(WeightsError, match=r"downloading it from https://example.invalid/v.pth failed .*ConnectionError"):
+        require_hub_file("v.pth", "https://example.invalid/v.pth", "the thing", "set x = 0")
+    monkeypatch.setenv("SPHEREGEN_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="offline"):
+        require_hub_file("z.pth", "https://example.invalid/z.pth", "the thing", "set x = 0")
