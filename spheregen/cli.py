@@ -1,4 +1,4 @@
-"""``spheregen``: list | train | sample | evaluate | report | run | flops | score | edit.
+"""``spheregen``: list | fit | train | sample | evaluate | report | run | flops | score | edit.
 
 Thin by design: each command loads the experiment into a Workspace and calls one stage.
 Errors a user can fix (SpheregenError) print one message and exit 2.
@@ -29,7 +29,7 @@ def say(*args: Any) -> None:
         print(*args)
 
 
-WORK = ("train", "run", "sample", "evaluate")  # commands that train, sample or score
+WORK = ("fit", "train", "run", "sample", "evaluate")  # commands that fit, train, sample or score
 
 
 def _workspace(args: argparse.Namespace) -> Workspace:
@@ -120,6 +120,19 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"  {e['name']:<22} {e['plugin']:<16} {e['doc']}")
             if "fits" in e:
                 print(f"  {'':<22} {'':<16} fits methods: {', '.join(e['fits']) or '(none registered)'}")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    """Fit what the experiment's components need fitted (tokenizers spheregen trains,
+    feature extractors), each once per identity; the metrics first, so an unusable
+    feature space fails before any fitting of a method's components."""
+    from spheregen.fit import describe, fit_experiment
+
+    ws = _workspace(args)
+    results = fit_experiment(ws, _entries(ws, getattr(args, "method", None)), resume=args.resume,
+                             fresh=args.fresh and args.command == "fit")
+    for result in results:
+        say(describe(result))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -219,9 +232,11 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    # Metrics are built first: missing weights or an unusable feature space must fail
-    # before an hour of training, not after.
-    _workspace(args).build_metrics()
+    # The fit stage first, which builds the metrics before anything else: missing weights
+    # or an unusable feature space must fail before an hour of training, not after.
+    # Fitted components are reused (--resume continues an interrupted fit; --fresh
+    # retrains the methods, not what `spheregen fit --fresh` refits).
+    cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics
     args.skip_trained = args.skip_current = not (args.resume or args.fresh)
@@ -234,6 +249,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         stages = (cmd_train, cmd_sample, cmd_evaluate, cmd_report)
     for stage in stages:
         stage(args)
+    from spheregen.report import terminal_summary
+
+    summary = terminal_summary(_workspace(args))
+    if summary:
+        say(f"\n{summary}")
 
 
 def _parallel_train_and_sample(args: argparse.Namespace) -> None:
@@ -244,9 +264,7 @@ def _parallel_train_and_sample(args: argparse.Namespace) -> None:
     from spheregen import parallel
 
     ws = _workspace(args)
-    entries = _entries(ws, args.method)
-    for entry in entries:  # fits and caches what a method builds at build time, before the jobs read it
-        ws.build_method(entry, torch.device("cpu"))
+    entries = _entries(ws, args.method)  # what they build was fitted by cmd_run's fit stage: the jobs load it
     threads = _threads(args.threads) or max(1, len(parallel.core_shares(args.jobs)[-1]))
     specs = {e.name: parallel.JobSpec(experiment=args.experiment, overrides=tuple(args.set or ()),
                                       runs_dir=str(ws.paths.runs_root), reports_dir=str(ws.paths.reports_root),
@@ -302,6 +320,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="every registered component by kind, with its plugin")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_list)
+    p = sub.add_parser("fit", help="fit what the components need before use (tokenizers spheregen trains, the "
+                                   "domain classifier) in runs/.cache/fit/; run and train do it first")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue interrupted fits from their latest checkpoints")
+    p.add_argument("--fresh", action="store_true", help="delete the experiment's fitted components and refit them")
+    p.set_defaults(fn=cmd_fit)
     for name, fn, text in (
         ("train", cmd_train, "train each method (checkpoints in runs/<experiment>/<method>/)"),
         ("run", cmd_run, "train, sample, evaluate and report, in order"),
@@ -352,8 +376,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from spheregen.fit import on_demand
+
     try:
-        args.fn(args)
+        with on_demand(False):  # only fit, run and train fit (as a stage); the others load
+            args.fn(args)
     except Preempted as exc:
         print(f"spheregen: {exc}", file=sys.stderr)
         return exc.exit_code

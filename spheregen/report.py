@@ -692,6 +692,19 @@ def to_html(blocks: list[Block], title: str, out: Path) -> str:
 
 
 
+def terminal_summary(ws: Workspace) -> str:
+    """The by-steps table (headline metric and GFLOPs per step count) of each dataset, as
+    markdown text for the end of ``spheregen run``."""
+    df = read_results(ws)
+    parts = []
+    for dataset, part in by_dataset(ws, df):
+        table = steps_rows(part, headline(ws, part))
+        if table is not None:
+            header, rows = table
+            parts.append(f"{dataset}:\n" + _md_table(header, rows))
+    return "\n\n".join(parts)
+
+
 def build_report(ws: Workspace) -> Path:
     """results.md, index.html, plots and grids from the parquet files and samples alone.
 
