@@ -7,10 +7,12 @@ Errors a user can fix (SpheregenError) print one message and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import torch
 
@@ -143,7 +145,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.skip_trained and is_trained(ws, entry):
             say(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
-        path = train(ws, entry, resume=args.resume, fresh=args.fresh)
+        with _clock(args, f"train {entry.name}"):
+            path = train(ws, entry, resume=args.resume, fresh=args.fresh)
         say(f"{entry.name}: weights at {path}")
 
 
@@ -155,7 +158,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.skip_current and samples_current(ws, entry):
             say(f"{entry.name}: samples up to date ({ws.paths.sample_dir(entry.name)}); skipping")
             continue
-        for path in sample_entry(ws, entry, ws.device):
+        with _clock(args, f"sample {entry.name}"):
+            written = sample_entry(ws, entry, ws.device)
+        for path in written:
             say(f"{entry.name}: {path}")
 
 
@@ -236,24 +241,59 @@ def cmd_run(args: argparse.Namespace) -> None:
     # or an unusable feature space must fail before an hour of training, not after.
     # Fitted components are reused (--resume continues an interrupted fit; --fresh
     # retrains the methods, not what `spheregen fit --fresh` refits).
-    cmd_fit(args)
+    args.clock = {}
+    t0 = time.perf_counter()
+    with _clock(args, "fit"):
+        cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics
     args.skip_trained = args.skip_current = not (args.resume or args.fresh)
     if args.jobs < 1:
         raise SpheregenError(f"--jobs {args.jobs}: give a number of parallel jobs >= 1")
     if args.jobs > 1:
-        _parallel_train_and_sample(args)
+        with _clock(args, f"train and sample ({args.jobs} jobs)"):
+            _parallel_train_and_sample(args)
         stages = (cmd_evaluate, cmd_report)
     else:
         stages = (cmd_train, cmd_sample, cmd_evaluate, cmd_report)
     for stage in stages:
-        stage(args)
+        with _clock(args, stage.__name__.removeprefix("cmd_"), aggregate=stage in (cmd_train, cmd_sample)):
+            stage(args)
     from spheregen.report import terminal_summary
 
-    summary = terminal_summary(_workspace(args))
+    ws = _workspace(args)
+    summary = terminal_summary(ws)
     if summary:
         say(f"\n{summary}")
+    _report_timing(ws, args.clock, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _clock(args: argparse.Namespace, name: str, aggregate: bool = False) -> Iterator[None]:
+    """Time a stage of ``spheregen run`` into ``args.clock`` (a no-op outside run).
+    ``aggregate``: the stage's own parts (one per method) are timed inside it."""
+    clock = getattr(args, "clock", None)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None and not aggregate:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _report_timing(ws: Workspace, clock: dict[str, float], total: float) -> None:
+    """Print where the run's time went and keep it as reports/<experiment>/timing.json."""
+    from spheregen import distributed
+    from spheregen.paths import atomic_write_json
+
+    if not distributed.is_main():
+        return
+    width = max(len(k) for k in clock) if clock else 0
+    lines = [f"  {k:<{width}}  {v / 60:5.1f} min" for k, v in clock.items()]
+    say("\ntime by stage (wall clock):\n" + "\n".join(lines) + f"\n  {'total':<{width}}  {total / 60:5.1f} min")
+    atomic_write_json(ws.paths.report / "timing.json", {"stages_s": clock, "total_s": total,
+                                                        "threads": torch.get_num_threads(),
+                                                        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _parallel_train_and_sample(args: argparse.Namespace) -> None:
@@ -276,7 +316,11 @@ def _parallel_train_and_sample(args: argparse.Namespace) -> None:
                "cpus": args.cpus_per_job}
     executor = parallel.make_executor(args.launcher, ws.paths.experiment_runs / ".jobs", options)
     say(f"{len(entries)} method(s) as {args.launcher} jobs, {args.jobs} at a time, {threads} thread(s) each")
-    failed = parallel.run_jobs(ws, [e.name for e in entries], specs, args.jobs, executor, gpus or None)
+    job_times: dict[str, float] = {}
+    failed = parallel.run_jobs(ws, [e.name for e in entries], specs, args.jobs, executor, gpus or None,
+                               times=job_times)
+    if getattr(args, "clock", None) is not None:  # each job's own time (they overlap)
+        args.clock.update({f"  {k} (job)": v for k, v in job_times.items()})
     if failed:
         ok = [e.name for e in entries if e.name not in failed]
         if ok:  # the others' results are not lost: evaluate and report them, then fail

@@ -43,8 +43,9 @@ class JobSpec:
     fresh: bool = False
 
 
-def method_job(spec: JobSpec) -> str:
-    """Train and sample one method (runs in the job's process)."""
+def method_job(spec: JobSpec) -> dict[str, float]:
+    """Train and sample one method (runs in the job's process); returns the seconds each
+    part took ({"train": s, "sample": s}, a part skipped as current is absent)."""
     import torch
 
     from spheregen.evaluation import sample_entry, samples_current
@@ -58,11 +59,16 @@ def method_job(spec: JobSpec) -> str:
     device = torch.device(spec.device) if spec.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ws = Workspace(load_experiment(spec.experiment, spec.overrides), spec.runs_dir, spec.reports_dir, device)
     entry = ws.exp.method(spec.method)
+    times = {}
+    t0 = time.perf_counter()
     if spec.resume or spec.fresh or not is_trained(ws, entry):
         train(ws, entry, resume=spec.resume, fresh=spec.fresh)
+        times["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if spec.fresh or not samples_current(ws, entry):
         sample_entry(ws, entry, device)
-    return spec.method
+        times["sample"] = time.perf_counter() - t0
+    return times
 
 
 def core_shares(jobs: int) -> list[tuple[int, ...]]:
@@ -108,9 +114,11 @@ def _progress(ws: Any, name: str) -> str:
 
 
 def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, executor: Any,
-             gpus: list[int] | None = None, poll_s: float = 1.0, report_s: float = 15.0) -> list[str]:
+             gpus: list[int] | None = None, poll_s: float = 1.0, report_s: float = 15.0,
+             times: dict[str, float] | None = None) -> list[str]:
     """Run one job per method, at most ``jobs`` at once; returns the failed methods
-    (each reported with its log on stderr). ``gpus``: one GPU index per slot."""
+    (each reported with its log on stderr). ``gpus``: one GPU index per slot; ``times``
+    receives each job's "train <method>" / "sample <method>" seconds."""
     shares = core_shares(jobs) if gpus is None else [() for _ in gpus]
     slots = list(range(len(shares)))
     queue, running, failed = list(names), {}, []
@@ -127,7 +135,7 @@ def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, ex
             if job.done():
                 del running[name]
                 slots.append(slot)
-                _finish(name, job, failed)
+                _finish(name, job, failed, times if times is not None else {})
         if time.monotonic() - last_report >= report_s and running:
             status = " · ".join(f"{n} {_progress(ws, n)}" for n in running)
             print(f"[jobs] {status}" + (f" · queued: {', '.join(queue)}" if queue else ""), file=sys.stderr)
@@ -136,9 +144,10 @@ def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, ex
     return failed
 
 
-def _finish(name: str, job: Any, failed: list[str]) -> None:
+def _finish(name: str, job: Any, failed: list[str], times: dict[str, float]) -> None:
     try:
-        job.result()
+        for part, seconds in job.result().items():
+            times[f"{part} {name}"] = seconds
         print(f"[jobs] {name}: done", file=sys.stderr)
     except Exception as exc:  # submitit re-raises the job's error with its traceback text
         failed.append(name)

@@ -88,3 +88,15 @@ def test_run_skips_sampling_and_scoring_whose_inputs_did_not_change(run, tmp_pat
     out = capsys.readouterr().out
     assert "already trained" in out and "up to date" not in out
     assert samples.stat().st_mtime_ns != before[0]
+
+
+def test_run_reports_where_its_time_went(run, tmp_path, capsys):
+    import json
+
+    assert main(["run", str(tmp_path / "tiny.toml"), "--runs-dir", str(run), "--reports-dir", str(tmp_path / "rep"),
+                 "--fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "time by stage" in out and "train toy" in out and "total" in out
+    timing = json.loads((tmp_path / "rep" / "tiny" / "timing.json").read_text())
+    assert {"fit", "train toy", "sample toy", "evaluate", "report"} <= set(timing["stages_s"])
+    assert timing["total_s"] >= sum(v for k, v in timing["stages_s"].items() if not k.startswith(" "))
