@@ -21,11 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spheregen.artifacts import read_final
 from spheregen.cli import main
-
-TOY_CLI = Path(__file__).resolve().parents[1] / "toy_cli.py"
-
+from toy_runs import assert_same_final, start_toy_train, toy_cli
 
 def dirs(root: Path) -> list[str]:
     return ["--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")]
@@ -241,23 +238,15 @@ def test_a_corrupt_data_cache_is_named_and_rebuilt(trained, tmp_path, capsys):
 # ---------------------------------------------------------------- preemption
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(TOY_CLI), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_preemption_checkpoints_and_resume_is_bit_identical(tiny_experiment, tmp_path, sig):
     # no checkpoint cadence at all: only the signal makes the checkpoint
     methods = ('[[methods]]\nname = "toy"\nmethod = "toy-ae"\n[methods.train]\nsteps = 400\n'
                'checkpoint_every = 0\ncheckpoint_minutes = 0.0\nema_decay = 0.9\nlog_every = 1\n')
     exp = tiny_experiment("", methods)
-    ref = _cli("train", exp, "--runs-dir", tmp_path / "ref", cwd=tmp_path)
+    ref = toy_cli("train", exp, "--runs-dir", tmp_path / "ref", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(TOY_CLI), "train", str(exp), "--runs-dir", str(tmp_path / "pre")],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_toy_train(exp, tmp_path / "pre", tmp_path, stderr=subprocess.PIPE)
     log = tmp_path / "pre" / "tiny" / "toy" / "train_log.jsonl"
     deadline = time.time() + 120
     while (not log.is_file() or len(log.read_text().splitlines()) < 50) and time.time() < deadline:
@@ -273,14 +262,9 @@ def test_preemption_checkpoints_and_resume_is_bit_identical(tiny_experiment, tmp
     # lines past the checkpoint (none here, as it saves at the step boundary) are cut on resume
     with open(log, "a") as f:
         f.write(json.dumps({"step": stopped + 1, "loss": 0.0}) + "\n" + '{"step": 4')
-    resumed = _cli("train", exp, "--runs-dir", tmp_path / "pre", "--resume", cwd=tmp_path)
+    resumed = toy_cli("train", exp, "--runs-dir", tmp_path / "pre", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    a = read_final(tmp_path / "ref" / "tiny" / "toy" / "final")
-    b = read_final(tmp_path / "pre" / "tiny" / "toy" / "final")
-    for part in (0, 1):  # model, EMA
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert_same_final(tmp_path / "ref" / "tiny" / "toy" / "final", tmp_path / "pre" / "tiny" / "toy" / "final")
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 401))
 
