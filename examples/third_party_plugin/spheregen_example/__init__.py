@@ -1,49 +1,51 @@
-"""A third-party spheregen plugin: a one-level Haar wavelet tokenizer.
+"""A third-party spheregen plugin, written against the public toolkit ``spheregen.api``
+alone: one component of each kind a model comparison needs.
 
-After ``pip install ./examples/third_party_plugin`` an experiment can name it::
+* ``haar`` (tokenizer): a one-level orthonormal Haar wavelet transform, frozen and lossless;
+* ``film-conv`` (denoiser): a small conv net with only ``forward(x, noise_level, labels)``;
+* ``midpoint`` (sampler): the explicit midpoint ODE solver for ``flow-matching`` methods;
+* ``pixel-fd`` (metric): Fréchet distance on downsampled pixels, with its report column.
+
+After ``pip install ./examples/third_party_plugin`` an experiment can name them::
+
+    [eval]
+    metrics = [{ name = "pixel-fd" }]
 
     [[methods]]
     name = "fm-haar"
-    method = { name = "flow-matching", tokenizer = "haar" }
+    method = { name = "flow-matching", tokenizer = "haar", denoiser = { name = "film-conv", width = 32 } }
+    sampler = "midpoint"
 """
 
 from __future__ import annotations
 
-import attrs
-import torch
-
 import spheregen
 
+from .denoiser import FilmConvConfig, FilmConvDenoiser
+from .haar import HaarConfig, HaarTokenizer
+from .metric import PixelFD, PixelFDConfig, frechet_distance
+from .sampler import MidpointConfig, MidpointSampler
 
-@attrs.frozen(kw_only=True)
-class HaarConfig:
-    """Orthonormal 2×2 Haar transform: C×H×W -> 4C×H/2×W/2, exactly invertible."""
-
-
-class HaarTokenizer:
-    trainable = False
-
-    def __init__(self, cfg: HaarConfig, ctx):
-        size, c = ctx.data.image_size, ctx.data.channels
-        if size % 2:
-            raise ValueError(f"haar tokenizer needs an even image_size, got {size}")
-        self.latent_shape = (4 * c, size // 2, size // 2)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        a, b = images[..., 0::2, 0::2], images[..., 0::2, 1::2]
-        c, d = images[..., 1::2, 0::2], images[..., 1::2, 1::2]
-        return torch.cat([a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d], dim=1) / 2
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        s, h, v, d = latents.chunk(4, dim=1)
-        out = torch.empty((*s.shape[:-2], s.shape[-2] * 2, s.shape[-1] * 2), dtype=s.dtype, device=s.device)
-        out[..., 0::2, 0::2] = (s + h + v + d) / 2
-        out[..., 0::2, 1::2] = (s - h + v - d) / 2
-        out[..., 1::2, 0::2] = (s + h - v - d) / 2
-        out[..., 1::2, 1::2] = (s - h - v + d) / 2
-        return out
+__all__ = ["HaarConfig", "HaarTokenizer", "FilmConvConfig", "FilmConvDenoiser", "MidpointConfig",
+           "MidpointSampler", "PixelFDConfig", "PixelFD", "frechet_distance"]
 
 
+# One hook per kind; each factory is called as factory(cfg, ctx).
 @spheregen.hookimpl
 def spheregen_register_tokenizers(register):
     register("haar", HaarTokenizer, HaarConfig)
+
+
+@spheregen.hookimpl
+def spheregen_register_denoisers(register):
+    register("film-conv", FilmConvDenoiser, FilmConvConfig)
+
+
+@spheregen.hookimpl
+def spheregen_register_samplers(register):
+    register("midpoint", MidpointSampler, MidpointConfig)
+
+
+@spheregen.hookimpl
+def spheregen_register_metrics(register):
+    register("pixel-fd", PixelFD, PixelFDConfig)
