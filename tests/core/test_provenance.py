@@ -402,3 +402,8 @@ def test_a_stalled_hub_fails_within_the_timeout(monkeypatch):
         server.close()
     assert accepted, "the request never reached the stalled proxy"
     assert time.monotonic() - t0 < 60
+
+
+def test_resume_without_a_checkpoint_says_so(toy_registries, tiny_experiment, tmp_path, capsys):
+    code, err = run_main(capsys, "train", tiny_experiment(), *dirs(tmp_path), "--resume")
+    assert code == 0 and "--resume found no checkpoint" in err and "starting from step 0" in err
