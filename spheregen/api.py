@@ -18,6 +18,7 @@ from spheregen.errors import (
     TrainingError,
     WeightsError,
 )
+from spheregen.fit import FitResult, load_fitted
 from spheregen.guidance import call_denoiser, cfg_mix, cfg_passes, guided
 from spheregen.hookspecs import hookimpl
 from spheregen.interfaces import (
@@ -29,6 +30,11 @@ from spheregen.interfaces import (
     Denoiser,
     EditableMethod,
     ExplicitAttentionDenoiser,
+    FitPhase,
+    FitRecipe,
+    FitSpec,
+    FitStatistics,
+    FittableComponent,
     LabelledMetric,
     LatentMethod,
     LosslessTokenizer,
@@ -77,6 +83,8 @@ __all__ = [
     "LatentMethod", "ReconstructingMethod", "EditableMethod", "ShardableMetric", "LabelledMetric",
     "VelocityMethod", "AverageVelocityMethod", "SphereAutoencoderMethod", "SphereDenoiserMethod",
     "lacks", "has", "require", "accepts_keyword", "check_steps",
+    # fitting (components spheregen trains before use)
+    "FittableComponent", "FitSpec", "FitPhase", "FitStatistics", "FitRecipe", "FitResult", "load_fitted",
     # configs
     "Component", "component_field", "make_component", "config_hash", "to_dict",
     "positive", "non_negative", "at_least_one", "fraction", "proper_fraction", "acute_angle",

@@ -24,11 +24,14 @@ from spheregen.workspace import Workspace
 
 def say(*args: Any) -> None:
     """print on the main process only: under torchrun / accelerate launch every process
-    runs the command, and one line per result is enough."""
-    from spheregen import distributed
+    runs the command, and one line per result is enough. (A command that never started
+    accelerate, such as ``report``, runs as one process and just prints.)"""
+    if "spheregen.distributed" in sys.modules:
+        from spheregen import distributed
 
-    if distributed.is_main():
-        print(*args)
+        if not distributed.is_main():
+            return
+    print(*args)
 
 
 WORK = ("fit", "train", "run", "sample", "evaluate")  # commands that fit, train, sample or score
@@ -43,19 +46,27 @@ def _workspace(args: argparse.Namespace) -> Workspace:
         # stalls that can slow small models by an order of magnitude
         torch.set_num_threads(threads)
     exp = load_experiment(args.experiment, args.set or ())
-    # the accelerate state first: under a multi-GPU launch it gives each process its own
-    # GPU (cuda:<local rank>), which every model and metric is then built on
-    from spheregen import distributed
-
-    device = _device(args.device) if args.device else distributed.state().device
-    ws = Workspace(exp, args.runs_dir, args.reports_dir, device)
+    ws = Workspace(exp, args.runs_dir, args.reports_dir, _default_device(args))
     if args.command in WORK:  # a misfit sampler, an absurd size or an unwritable folder fails before any work
         ws.check_compatibility()
         _check_outputs(ws, args.command)
         from spheregen.resources import check_fits
 
-        check_fits(exp, device)
+        check_fits(exp, ws.device)
     return ws
+
+
+def _default_device(args: argparse.Namespace) -> torch.device:
+    """--device, else the accelerate state's: under a multi-GPU launch it gives each
+    process its own GPU (cuda:<local rank>), which every model and metric is built on.
+    ``report`` computes nothing and stays on the CPU without starting accelerate."""
+    if args.device:
+        return _device(args.device)
+    if args.command == "report":
+        return torch.device("cpu")
+    from spheregen import distributed
+
+    return distributed.state().device
 
 
 def _threads(value: str | None) -> int:
@@ -228,6 +239,15 @@ def cmd_export(args: argparse.Namespace) -> None:
             say(f"{entry.name} @ {steps}: {written}")
 
 
+def cmd_reference_stats(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from spheregen.evaluation import reference_stats
+
+    ws = _workspace(args)
+    say(f"reference statistics: {reference_stats(ws, Path(args.out), ws.device)}")
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     from spheregen.flops import experiment_flops, format_flops_table
 
@@ -395,6 +415,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["adm", "png", "npz"])
     p.add_argument("--out", required=True, help="folder: <out>/<method>/steps-<T>.npz or steps-<T>/*.png")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("reference-stats", help="FID statistics (mu, sigma: the ADM / Sphere Encoder fid_stats layout, "
+                                               "with their feature space) of the experiment's reference split, for "
+                                               "[eval] reference_stats")
+    _common(p, methods=False)
+    p.add_argument("--out", required=True, help=".npz file to write")
+    p.set_defaults(fn=cmd_reference_stats)
     p = sub.add_parser("flops", help="GFLOPs per image of every method at each step count, true and paper "
                                      "convention, counted on the meta device (no weights or data needed)")
     _common(p)

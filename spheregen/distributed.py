@@ -1,10 +1,11 @@
 """Work split across accelerate processes, by batch index.
 
-Evaluation shards whole batches: process ``r`` of ``P`` takes batches ``r, r+P, ...``
-of the same batch size the single process would use, so every batch is computed on
-exactly the inputs (and, for sampling, the per-batch seeded noise) it would see alone,
-and the result gathered on the main process equals the single-process one bit for bit.
-Outside a launcher there is one process and nothing is gathered.
+Evaluation shards whole batches: process ``r`` of ``P`` takes a contiguous block of
+batches (:func:`block`) of the same batch size the single process would use, so every
+batch is computed on exactly the inputs (and, for sampling, the per-batch seeded noise)
+it would see alone, and results put back in batch order (:func:`gather`) equal the
+single-process ones bit for bit. Outside a launcher there is one process and nothing is
+gathered.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import torch
-from accelerate import PartialState
+
+from spheregen.errors import SpheregenError
 
 T = TypeVar("T")
 
@@ -24,10 +26,13 @@ T = TypeVar("T")
 TIMEOUT = timedelta(hours=3)
 
 
-def state() -> PartialState:
+def state() -> Any:
     """The shared accelerate state; the first call (the CLI makes it before anything
     else) fixes it: CPU where there is no GPU (otherwise accelerate sees a CPU launch,
     torchrun or debug_launcher, as one process), and :data:`TIMEOUT` for collectives."""
+    # imported here: modules that only read files (the report) must not start accelerate
+    from accelerate import PartialState
+
     return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
 
 
@@ -35,19 +40,49 @@ def is_main() -> bool:
     return state().is_main_process
 
 
-def map_batches(n_batches: int, fn: Callable[[int], T]) -> list[T] | None:
-    """``[fn(0), ..., fn(n_batches - 1)]`` with the calls spread over the processes,
-    gathered on the main process only (the others get None: only the main process
-    writes or scores, and an all-gather would put every sample on every process)."""
+def block(n: int) -> range:
+    """This process's share of ``n`` items in order: process ``r`` of ``P`` takes
+    ``[r·n // P, (r+1)·n // P)``, so the blocks of processes 0, 1, ... concatenate to
+    ``range(n)`` (a sample set's shards, written by each process, are its batches in order)."""
     st = state()
-    mine = [(i, fn(i)) for i in range(st.process_index, n_batches, st.num_processes)]
+    return range(st.process_index * n // st.num_processes, (st.process_index + 1) * n // st.num_processes)
+
+
+def gather(obj: T) -> list[T] | None:
+    """``obj`` of every process in process order, on the main process only (the others
+    get None: only the main process writes or scores, and an all-gather would put
+    every process's share on every process)."""
+    st = state()
     if st.num_processes == 1:
-        return [out for _, out in mine]
-    gathered: list[list[tuple[int, Any]]] | None = [None] * st.num_processes if st.is_main_process else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
-    if gathered is None:
-        return None
-    return [out for _, out in sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])]
+        return [obj]
+    gathered: list[Any] | None = [None] * st.num_processes if st.is_main_process else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on the main process (None elsewhere); an exception it raises is raised on
+    every process, so the others fail with the same message instead of waiting in the
+    next collective until the timeout."""
+    st = state()
+    if st.num_processes == 1:
+        return fn()
+    result, error = None, None
+    if st.is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+            error = exc
+    # what the others raise: the same user-facing error, or a plain one naming it
+    box = [None if error is None else (type(error), str(error))]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        cls, message = box[0]
+        raise cls(message) if issubclass(cls, SpheregenError) else RuntimeError(
+            f"the main process failed: {cls.__name__}: {message}")
+    return result
 
 
 def barrier() -> None:

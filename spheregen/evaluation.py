@@ -1,12 +1,15 @@
 """Sampling and scoring: each method at each of its step counts.
 
 Stage ``sample`` writes ``runs/<exp>/samples/<method>/steps-<T>.npz`` (spheregen.samples:
-uint8 images, labels and the set's identity); stage ``evaluate`` reads those files,
-checks that they were drawn from the current config's weights and sampler, scores them
-with the experiment's metrics, counts FLOPs and measures speed, and writes
-``reports/<exp>/results.parquet`` plus the resolved config (spheregen.results). Every
-sample set of a method uses the same seed, so step counts are compared on the same
-starting noise. One process writes a sample folder or a report folder at a time.
+uint8 images, labels and the set's identity; each process writes the shard of its
+batches); stage ``evaluate`` opens those files, checks that they were drawn from the
+current config's weights and sampler, scores them with the experiment's metrics, counts
+FLOPs and measures speed, and writes ``reports/<exp>/results.parquet`` plus the resolved
+config (spheregen.results). Each process extracts the features of its block of batches
+and the features are gathered, never the images; the reference is reduced to what each
+metric needs (spheregen.reference). Every sample set of a method uses the same seed, so
+step counts are compared on the same starting noise. One process writes a sample folder
+or a report folder at a time.
 """
 
 from __future__ import annotations
@@ -19,20 +22,23 @@ from typing import Any, Iterator
 
 import attrs
 import torch
+from tqdm.auto import tqdm
 
 from spheregen import distributed, flops
 from spheregen.config import Component, config_hash
 from spheregen.data import balanced_labels, to_float, to_uint8
-from spheregen.errors import SpheregenError
+from spheregen.errors import ConfigError, SpheregenError
 from spheregen.experiment import MethodEntry
+from spheregen.interfaces import LabelledMetric, LosslessTokenizer, ReconstructingMethod, ShardableMetric, has
 from spheregen.paths import DirLock, check_writable
 from spheregen.plugins import registries
+from spheregen.reference import ReferenceSet, ReferenceStatisticsMetric, split_reference, write_stats
 from spheregen.results import eval_hash, write_results
 from spheregen.runner import load_trained, run_hash
-from spheregen.samples import generate, load_samples, read_external_samples, read_meta, sample_identity, save_samples
+from spheregen.samples import generate, open_samples, read_external_samples, read_meta, sample_identity
 from spheregen.workspace import Workspace
 
-__all__ = ["evaluate", "read_external_samples", "sample_entry", "score_samples"]
+__all__ = ["evaluate", "read_external_samples", "reference_stats", "sample_entry", "score_samples"]
 
 
 @contextlib.contextmanager
@@ -96,8 +102,8 @@ def expected_samples(ws: Workspace, entry: MethodEntry, sampler_name: str, steps
 
 
 def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progress: bool = True) -> list[Path]:
-    """Write the sample file of every step count of one method (batches shared out over
-    the accelerate processes; the main process writes)."""
+    """Write the sample set of every step count of one method (each process draws a
+    block of the batches and writes it; spheregen.samples.generate)."""
     ev = ws.exp.eval
     method = load_trained(ws, entry, ev.use_ema, device)
     sampler = ws.build_sampler(entry, method)
@@ -106,74 +112,116 @@ def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progre
     written = []
     with writer_lock(ws.paths.sample_dir(entry.name), f"sample folder of method '{entry.name}'"):
         for steps in ws.exp.steps_for(entry):
-            images = generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
-                              desc=f"sample {entry.name} @ {steps} steps" if progress else "")
-            path = ws.paths.samples(entry.name, steps)
-            if distributed.is_main():
-                meta = {"method": entry.name, **expected_samples(ws, entry, sampler_name, steps)}
-                save_samples(path, images, labels, meta)
-            written.append(path)
+            meta = {"method": entry.name, **expected_samples(ws, entry, sampler_name, steps)}
+            written.append(generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
+                                    ws.paths.samples(entry.name, steps), meta,
+                                    desc=f"sample {entry.name} @ {steps} steps" if progress else ""))
     distributed.barrier()
     return written
 
 
-SHARDED = ("extract", "score", "reference_features", "feature_key", "cfg")
+class TensorRows:
+    """Images in memory read by row range, as :class:`spheregen.samples.SampleSet` is."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.images[start:stop]
 
 
-def sharded_extract(metric: Any, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """``metric.extract(images)`` with its batches (``metric.cfg.batch_size``) shared out
-    over the processes; the whole on the main process, None on the others."""
-    b = metric.cfg.batch_size
-    if len(images) <= b:
-        return metric.extract(images) if distributed.is_main() else None
-    parts = distributed.map_batches(-(-len(images) // b), lambda i: metric.extract(images[i * b:(i + 1) * b]))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts is not None else None
+def sharded_extract(metric: Any, rows: Any, desc: str = "") -> dict[str, torch.Tensor] | None:
+    """``metric.extract`` of every row of ``rows`` (``len``, ``read(start, stop)``) in
+    batches of ``metric.batch_size``: each process extracts a block of the batches and
+    the features are gathered in order, whole on the main process (None elsewhere).
+    ``desc``: a progress bar of the main process's block."""
+    b = metric.batch_size
+    mine = distributed.block(-(-len(rows) // b))
+    parts = []
+    for i in tqdm(mine, desc=desc, leave=False, disable=not desc or not distributed.is_main()):
+        parts.append(metric.extract(rows.read(i * b, (i + 1) * b)))
+    local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
+    gathered = distributed.gather(local)
+    if gathered is None:
+        return None
+    done = [g for g in gathered if g is not None]
+    return {k: torch.cat([g[k] for g in done]) for k in done[0]}
 
 
-def score_all(metrics: list[tuple[str, Any]], samples: torch.Tensor, reference: torch.Tensor,
-              shard: bool = True, labels: torch.Tensor | None = None) -> dict[str, Any]:
+def reference_for(metric: Any, reference: ReferenceSet) -> Any:
+    """What ``metric.score`` takes as its reference: None for a metric that declares
+    ``NEEDS_REFERENCE = False``, the statistics of a :class:`ReferenceStatisticsMetric`,
+    else ``reference_features`` of the reference's capped, class-balanced subset. Each
+    is cached by the metric, so asking again is cheap."""
+    if not getattr(metric, "NEEDS_REFERENCE", True):
+        return None
+    if has(metric, ReferenceStatisticsMetric):
+        return metric.reference_statistics(reference)
+    return metric.reference_features(reference.subset_images())
+
+
+def score_all(metrics: list[tuple[str, Any]], samples: Any, reference: ReferenceSet,
+              labels: torch.Tensor | None = None, what: str = "samples") -> dict[str, Any]:
     """Every metric on one uint8 sample set -> {key: value} on the main process, {} on
-    the others.
+    the others (every process calls it).
 
-    Metrics of one feature space (equal ``feature_key``) share one extraction of the
-    samples, sharded over the processes (every process takes part, so the collectives
-    match). The reference's features are the metric's own cached ones, taken on the
-    main process only: they are extracted once per dataset and feature space, and a
-    cache hit that differed between processes could never desynchronise a collective.
-    A metric without ``extract`` scores by ``compute`` on the main process.
-    ``shard=False``: the main process alone extracts (``samples`` may be empty elsewhere).
-    ``labels`` (int64 N, the classes the samples were drawn for) go to metrics that
-    declare ``needs_labels``."""
+    ``samples``: a :class:`spheregen.samples.SampleSet`, :class:`TensorRows` or anything
+    with ``len`` and ``read(start, stop)``. Metrics of one feature space (equal
+    ``feature_key``) share one extraction of the samples, sharded over the processes
+    (:func:`sharded_extract`). The reference is the metrics' own cached reduction of it
+    (:func:`reference_for`), made on the main process only: once per data identity and
+    feature space, and a cache hit that differed between processes could never
+    desynchronise a collective. A metric that is not a ShardableMetric scores by
+    ``compute`` on the main process, with the whole sample set and the reference's
+    subset; ``labels`` (int64 N, the classes the samples were drawn for) go to a
+    LabelledMetric. An error on the main process is raised on every process."""
     groups: dict[str, list[Any]] = {}
     whole = []
     for _, metric in metrics:
-        shardable = all(hasattr(metric, a) for a in SHARDED) and metric.feature_key is not None
+        shardable = has(metric, ShardableMetric) and metric.feature_key is not None
         (groups.setdefault(metric.feature_key, []) if shardable else whole).append(metric)
-    if shard:
-        features = {key: sharded_extract(group[0], samples) for key, group in groups.items()}
-    if not distributed.is_main():
-        return {}
-    if not shard:
-        features = {key: group[0].extract(samples) for key, group in groups.items()}
-    out: dict[str, Any] = {}
-    for metric in whole:
-        if not getattr(metric, "needs_labels", False):
-            out.update(metric.compute(samples, reference))
-        elif labels is None:
-            raise SpheregenError(f"metric {type(metric).__name__} needs the labels the samples were drawn for; "
-                                 "these samples have none (score spheregen's own sample files, or drop the metric)")
-        else:
-            out.update(metric.compute(samples, reference, labels=labels))
-    for key, group in groups.items():
-        needs_ref = any(getattr(m, "NEEDS_REFERENCE", True) for m in group)
-        ref = group[0].reference_features(reference) if needs_ref else None
-        for metric in group:
-            out.update(metric.score(features[key], ref))
-    for _, metric in metrics:
-        for column in getattr(metric, "columns", ()):
-            if column.features:  # which feature space the value is in, beside it
-                out[f"{column.key}_features"] = getattr(metric, "feature_info", metric.features)
-    return out
+    features = {key: sharded_extract(group[0], samples, f"features of the {what} ({group[0].features})")
+                for key, group in groups.items()}
+
+    def score() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if whole:
+            images, ref = samples.read(0, len(samples)), reference.subset_images()
+        for metric in whole:
+            if not has(metric, LabelledMetric):
+                out.update(metric.compute(images, ref))
+            elif labels is None:
+                raise SpheregenError(f"metric {type(metric).__name__} needs the labels the samples were drawn for; "
+                                     "these samples have none (score spheregen's own sample files, or drop the "
+                                     "metric)")
+            else:
+                out.update(metric.compute(images, ref, labels=labels))
+        for key, group in groups.items():
+            for metric in group:
+                out.update(metric.score(features[key], reference_for(metric, reference)))
+        for _, metric in metrics:
+            for column in getattr(metric, "columns", ()):
+                if column.features:  # which feature space the value is in, beside it
+                    out[f"{column.key}_features"] = getattr(metric, "feature_info", metric.features)
+        return out
+
+    return distributed.on_main(score) or {}
+
+
+def prepare_reference(metrics: list[tuple[str, Any]], reference: ReferenceSet) -> None:
+    """Reduce the reference for every metric before any method is scored (on the main
+    process; an error, such as statistics in another feature space, stops every
+    process). With ``reference.stats``, at least one metric must use them."""
+    users = [name for name, m in metrics if has(m, ReferenceStatisticsMetric)]
+    if reference.stats is not None and not users:
+        raise ConfigError(f"eval.reference_stats = {reference.stats['path']!r} is set, but none of eval.metrics "
+                          f"({', '.join(n for n, _ in metrics) or 'none'}) scores against reference statistics "
+                          "(FID does): add the metric or remove the key")
+    distributed.on_main(lambda: [reference_for(m, reference) for _, m in metrics
+                                 if has(m, ShardableMetric) and m.feature_key is not None])
 
 
 def _provider(kind: str, name: str) -> str:
@@ -208,14 +256,19 @@ def plugin_versions(ws: Workspace, entry: MethodEntry, sampler: str) -> str:
 @torch.no_grad()
 def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, steps: int, device: torch.device) -> dict[str, Any]:
     """FLOPs, speed at the throughput batch and at batch 1, and peak tensor memory of one
-    sampling call at the throughput batch."""
+    sampling call at the throughput batch (a four-part progress bar)."""
     ev = ws.exp.eval
+    bar = tqdm(total=4, desc=f"FLOPs and timing of {entry.name} @ {steps} steps", leave=False)
     count = flops.count_sampling_flops(sampler, method, steps, entry.guidance, device=device)
+    bar.update()
     labels = balanced_labels(ev.throughput_batch, ws.data.spec.num_classes).to(device)
     call = lambda y: (lambda: sampler.sample(method, y, steps, entry.guidance, None))  # noqa: E731
     speed = flops.measure_throughput(call(labels), batch=ev.throughput_batch, warmup=1, repeats=3, device=device)
+    bar.update()
     single = flops.measure_throughput(call(labels[:1]), batch=1, warmup=1, repeats=5, device=device)
+    bar.update()
     peak = flops.measure_peak_memory(call(labels), method, device)
+    bar.close()
     return {
         "nfe": sampler.nfe(steps, entry.guidance),
         "gflops_per_image": count.total / 1e9,
@@ -241,7 +294,7 @@ def tokenizer_identity(ws: Workspace, entry: MethodEntry, method: Any) -> tuple[
     if hasattr(method, "tokenizer_identity"):
         return method.tokenizer_identity()
     tokenizer = getattr(method, "tokenizer", None)
-    if not hasattr(method, "reconstruct") or getattr(tokenizer, "lossless", False):
+    if not has(method, ReconstructingMethod) or has(tokenizer, LosslessTokenizer):
         return None
     component = getattr(entry.method.config, "tokenizer", None)
     if isinstance(component, Component) and not getattr(tokenizer, "trainable", True):
@@ -250,47 +303,95 @@ def tokenizer_identity(ws: Workspace, entry: MethodEntry, method: Any) -> tuple[
     return f"{entry.name} (own autoencoder)", config_hash({"method": entry.method, "train": entry.train})
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over images of 10·log10(255² / MSE) for uint8 N×C×H×W (inf as soon as one
-    image is reproduced exactly)."""
+def image_psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float64 N: 10·log10(255² / MSE) of each image of uint8 N×C×H×W ``a`` against ``b``."""
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of :func:`image_psnr` (inf as soon as one image is reproduced
+    exactly)."""
+    return float(image_psnr(a, b).mean())
+
+
+class Reconstructions:
+    """The method's reconstructions of a :class:`ReferenceSet` (the test split), read by
+    row range like a sample set and made as they are read, in batches of ``batch``
+    (the last one kept for the next read), so each process reconstructs about its own
+    block and every batch is the one a single process would make. The PSNR of each
+    image of each batch made is kept (``psnr``: batch index -> float64 values)."""
+
+    def __init__(self, method: Any, originals: ReferenceSet, batch: int, device: torch.device, desc: str = ""):
+        self.method, self.originals, self.batch, self.device = method, originals, batch, device
+        self.psnr: dict[int, torch.Tensor] = {}
+        self._last: tuple[int, torch.Tensor] | None = None
+        self._bar = tqdm(total=len(distributed.block(-(-len(originals) // batch))), desc=desc, leave=False,
+                         disable=not desc or not distributed.is_main())
+
+    def __len__(self) -> int:
+        return len(self.originals)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        stop, b = min(stop, len(self)), self.batch
+        parts = [self.made(j)[max(start, j * b) - j * b:stop - j * b] for j in range(start // b, -(-stop // b))]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def made(self, j: int) -> torch.Tensor:
+        """uint8 reconstructions of batch ``j``."""
+        if self._last is None or self._last[0] != j:
+            b = self.batch
+            x = self.originals.read(j * b, (j + 1) * b)
+            labels = self.originals.labels[j * b:(j + 1) * b].to(self.device)
+            out = to_uint8(self.method.reconstruct(to_float(x).to(self.device), labels)).cpu()
+            self.psnr[j] = image_psnr(out, x)
+            self._last = (j, out)
+            self._bar.update()
+        return self._last[1]
+
+    def mean_psnr(self) -> float | None:
+        """Mean PSNR over every image (every process makes the batches of its block that
+        the reads did not, then the values are gathered): on the main process only."""
+        mine = distributed.block(-(-len(self) // self.batch))
+        for j in mine:
+            if j not in self.psnr:
+                self.made(j)
+        self._bar.close()
+        gathered = distributed.gather([self.psnr[j] for j in mine])
+        return None if gathered is None else float(torch.cat([v for part in gathered for v in part]).mean())
 
 
 def reconstruction_row(ws: Workspace, entry: MethodEntry, method: Any, metrics: list[tuple[str, Any]],
-                       device: torch.device, identity: tuple[str, str] | None) -> dict[str, Any] | None:
+                       device: torch.device, identity: tuple[str, str] | None,
+                       originals: ReferenceSet | None = None) -> dict[str, Any] | None:
     """PSNR and the reconstruction scores (the experiment's metrics with a column declared
     ``reconstruction``, stored as ``r<key>``: rFID = FID(reconstructions, originals), in
     the same features as gFID) of the method's tokenizer (``identity``:
-    :func:`tokenizer_identity`) on the held-out test split. ``features``: the feature
-    space of the first such column that records one."""
-    test = ws.data.test
-    if identity is None or len(test.images) == 0:
+    :func:`tokenizer_identity`) on the held-out test split (``originals``, default read
+    from the data), sharded over the processes like a sample set. ``features``: the
+    feature space of the first such column that records one. On the main process only."""
+    if identity is None:
         return None
-    b = ws.exp.eval.batch_size
-
-    def one(i: int) -> torch.Tensor:
-        x = to_float(test.images[i * b:(i + 1) * b]).to(device)
-        return to_uint8(method.reconstruct(x, test.labels[i * b:(i + 1) * b].to(device))).cpu()
-
-    parts = distributed.map_batches(-(-len(test.images) // b), one)
-    if parts is None:  # not the main process
+    originals = originals if originals is not None else split_reference(ws, "test")
+    if len(originals) == 0:
         return None
-    recon = torch.cat(parts)
-    # the main process alone holds the reconstructions: scored there, unsharded (once
-    # per tokenizer, not per step count)
+    recon = Reconstructions(method, originals, ws.exp.eval.batch_size, device, desc=f"reconstruct ({identity[0]})")
     columns = [c for _, m in metrics for c in getattr(m, "columns", ()) if c.reconstruction]
     scorers = [(n, m) for n, m in metrics if any(c.reconstruction for c in getattr(m, "columns", ()))]
-    scores = score_all(scorers, recon, test.images, shard=False) if scorers else {}
+    scores = score_all(scorers, recon, originals, what="reconstructions") if scorers else {}
+    mean_psnr = recon.mean_psnr()
+    if not distributed.is_main():
+        return None
     return {
         "tokenizer": identity[0], "config_hash": identity[1], "methods": entry.name,
         **{f"r{c.key}": scores.get(c.key) for c in columns},
-        "psnr": psnr(recon, test.images), "num_images": len(recon),
+        "psnr": mean_psnr, "num_images": len(recon),
         "features": next((scores.get(f"{c.key}_features") for c in columns if c.features), None),
     }
 
 
-def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, Any]], reference: torch.Tensor,
+def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, Any]], reference: ReferenceSet,
                    device: torch.device, method: Any) -> list[dict[str, Any]]:
     sampler = ws.build_sampler(entry, method)
     sampler_name = ws.sampler_name(entry, method)
@@ -317,8 +418,9 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
     rows = []
     for steps in ws.exp.steps_for(entry):
         identity = expected_samples(ws, entry, sampler_name, steps)
-        samples, labels = load_samples(ws.paths.samples(entry.name, steps), identity)
-        scores = score_all(metrics, samples, reference, labels=labels)
+        samples = open_samples(ws.paths.samples(entry.name, steps), identity)  # memory-mapped
+        scores = score_all(metrics, samples, reference, labels=samples.labels,
+                           what=f"samples of {entry.name} @ {steps} steps")
         if not distributed.is_main():
             continue  # speed and FLOPs are measured by one process
         row = {**base, "steps": steps, "num_samples": len(samples), "sample_hash": config_hash(identity)}
@@ -337,10 +439,20 @@ def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device
         return _evaluate(ws, entries, device)
 
 
+def build_metrics(ws: Workspace, device: torch.device | None = None) -> list[tuple[str, Any]]:
+    """The experiment's metrics, built by every process together (loading a fitted
+    feature network is collective, spheregen.fit) once the main process has decoded
+    and cached the data splits they are given."""
+    with distributed.state().main_process_first():
+        ws.data.splits()
+    return ws.build_metrics(device)
+
+
 def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -> Path:
-    with distributed.state().main_process_first():  # one process trains/caches the feature network
-        metrics = ws.build_metrics(device)
-    reference = ws.reference_images()
+    metrics = build_metrics(ws, device)
+    reference = workspace_reference(ws)
+    prepare_reference(metrics, reference)
+    originals = split_reference(ws, "test")
     rows, tokenizer_rows = [], []
     scored: dict[Any, dict[str, Any] | None] = {}  # tokenizer identity -> its row (scored once)
     for entry in entries:
@@ -348,7 +460,7 @@ def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device, method))
         identity = tokenizer_identity(ws, entry, method)
         if identity not in scored:
-            scored[identity] = reconstruction_row(ws, entry, method, metrics, device, identity)
+            scored[identity] = reconstruction_row(ws, entry, method, metrics, device, identity, originals)
             tokenizer_rows.append(scored[identity])
         elif scored[identity] is not None:
             tokenizer_rows.append({**scored[identity], "methods": entry.name})
@@ -360,9 +472,43 @@ def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -
     return path
 
 
+def workspace_reference(ws: Workspace) -> ReferenceSet:
+    """The experiment's reference: split ``eval.reference``, with ``eval.reference_stats``."""
+    return split_reference(ws, ws.exp.eval.reference, ws.exp.eval.reference_stats_path(ws.exp.source))
+
+
 def score_samples(ws: Workspace, samples: torch.Tensor, device: torch.device | None = None) -> dict[str, Any]:
     """The experiment's metrics on any uint8 sample set (same features, same reference)."""
     expected = (ws.data.spec.channels, ws.data.spec.image_size, ws.data.spec.image_size)
     if tuple(samples.shape[1:]) != expected:
         raise SpheregenError(f"samples are {tuple(samples.shape[1:])}, the experiment's data is {expected} (C×H×W)")
-    return score_all(ws.build_metrics(device or ws.device), samples, ws.reference_images())
+    metrics = ws.build_metrics(device or ws.device)
+    reference = workspace_reference(ws)
+    prepare_reference(metrics, reference)
+    return score_all(metrics, TensorRows(samples), reference)
+
+
+def reference_stats(ws: Workspace, out: Path, device: torch.device | None = None) -> Path:
+    """Write the statistics (feature mean and covariance) of the experiment's reference
+    split, in the feature space of its metric that scores against statistics (FID), to
+    ``out`` (.npz: ``mu``, ``sigma``, ``features``, ``provenance``), for
+    ``[eval] reference_stats``. The main process writes."""
+    ev = ws.exp.eval
+    metrics = [(n, m) for n, m in build_metrics(ws, device or ws.device) if has(m, ReferenceStatisticsMetric)]
+    if len(metrics) != 1:
+        names = [c.name for c in ev.metrics]
+        raise ConfigError(f"{ws.exp.source}: eval.metrics ({', '.join(names) or 'none'}) must hold exactly one metric "
+                          f"that scores against reference statistics (FID), found {len(metrics)}")
+    name, metric = metrics[0]
+    reference = split_reference(ws, ev.reference)
+
+    def write() -> Path:
+        stats = metric.reference_statistics(reference)
+        provenance = {"dataset": ws.data.key, "split": ev.reference, "images": len(reference), "metric": name,
+                      "feature_info": getattr(metric, "feature_info", metric.features),
+                      "spheregen_version": importlib.metadata.version("spheregen")}
+        return write_stats(out, stats, metric.statistics_features, provenance)
+
+    written = distributed.on_main(write)
+    distributed.barrier()
+    return written if written is not None else out

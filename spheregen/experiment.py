@@ -147,13 +147,24 @@ class TrainConfig:
 @attrs.frozen(kw_only=True)
 class EvalConfig:
     """Sampling and scoring. Samples are class-balanced (label i % num_classes) and
-    drawn with ``seed``; ``reference`` picks the real images the metrics compare to."""
+    drawn with ``seed``; ``reference`` picks the real images the metrics compare to.
+
+    ``reference_stats``: an .npz of the reference's feature mean and covariance (arrays
+    ``mu``, ``sigma``: the ADM / Sphere Encoder ``fid_stats_*.npz`` layout, or a file
+    written by ``spheregen reference-stats``) that FID scores against instead of the
+    split; a relative path is read from the experiment file's folder. The other
+    reference-based metrics keep the split. ``reference_subset``: KID, precision/recall,
+    CMMD and metrics without reference statistics see a seeded, class-balanced subset of
+    at most this many reference images (the whole split when it is smaller)."""
 
     steps: tuple[int, ...] = attrs.field(default=(1, 2, 4, 8), validator=_steps)
     num_samples: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=250, validator=positive)
     metrics: tuple[Component, ...] = attrs.field(factory=tuple, metadata={"kind": "metric"})
     reference: Literal["train", "test"] = "train"
+    reference_stats: str | None = attrs.field(default=None, metadata={"omit_if_default": True})
+    reference_subset: int = attrs.field(default=10_000, validator=attrs.validators.ge(2),
+                                        metadata={"omit_if_default": True})
     grid_per_class: int = attrs.field(default=8, validator=positive)
     # rows of the sample grids: this many classes, evenly spread over the class range
     # (10 of ImageNet's 1,000: 0, 111, 222, ...), or the listed class indices
@@ -162,6 +173,14 @@ class EvalConfig:
     use_ema: bool = True
     seed: int = 2  # in [0, 2**32), checked for every seed by spheregen.config
     throughput_batch: int = attrs.field(default=64, validator=positive)
+
+    def reference_stats_path(self, source: str) -> Path | None:
+        """``reference_stats`` as a path: a relative one is read from the folder of the
+        experiment file ``source``."""
+        if self.reference_stats is None:
+            return None
+        path = Path(self.reference_stats).expanduser()
+        return path if path.is_absolute() else Path(source).parent / path
 
 
 @attrs.frozen(kw_only=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
@@ -434,6 +434,101 @@ class SphereDenoiserMethod(Protocol):
 
     def decode(self, latents: Tensor) -> Tensor:
         """B×latent_shape -> B×C×H×W in [-1, 1]."""
+
+
+# ---------------------------------------------------------------- fitting
+# What spheregen trains for a component before the component can be used (the RAE
+# decoder, its MAE encoder, the domain classifier): the component declares it, the core
+# fits it through the methods' accelerate trainer (spheregen.fit) and the factory only
+# loads the result (:func:`spheregen.api.load_fitted`).
+
+
+def _one_budget(inst: Any, _attribute: Any, _value: Any) -> None:
+    if (inst.steps is None) == (inst.epochs is None):
+        raise ValueError(f"a FitRecipe needs exactly one of steps and epochs, got steps={inst.steps}, "
+                         f"epochs={inst.epochs}")
+
+
+@attrs.frozen(kw_only=True)
+class FitRecipe:
+    """How one :class:`FitPhase` is optimised: AdamW (``betas``, ``weight_decay``),
+    linear warmup over ``warmup_fraction`` then cosine to ``min_lr_ratio`` × ``lr`` (the
+    methods' schedule), gradient clipping at ``grad_clip`` (0: off). ``batch_size`` is the
+    global batch; the budget is ``steps`` optimizer steps or ``epochs`` passes over the
+    training split (⌊N / batch_size⌋ steps each). ``seed`` seeds the phase's random draws.
+    Launch settings (mixed precision, accumulation, workers, checkpoint and log cadence)
+    are the experiment's ``[train]``."""
+
+    batch_size: int = attrs.field(validator=attrs.validators.ge(1))
+    lr: float = attrs.field(validator=attrs.validators.gt(0))
+    steps: int | None = attrs.field(default=None, validator=_one_budget)
+    epochs: int | None = None
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class FitPhase:
+    """One optimisation phase of a fit. ``module`` is an ``nn.Module`` with
+    ``loss(images, labels) -> (loss, logs)`` (float B×C×H×W in [-1, 1], int64 B) and
+    optionally ``param_groups()`` (as :class:`Method`); its parameters with
+    ``requires_grad`` are trained. ``start()`` runs before the first (or resumed) step
+    (unfreeze what the phase trains), ``finish()`` after the last (freeze it, warm-start
+    the next phase)."""
+
+    name: str
+    module: Any
+    recipe: FitRecipe
+    start: Callable[[], None] | None = None
+    finish: Callable[[], None] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FitStatistics:
+    """A gradient-free pass over the whole training split (dataset statistics):
+    ``sums(images, labels)`` returns tensors for one batch (float images in [-1, 1] on
+    the training device; the component follows them there), which the core adds up over
+    batches and processes and hands to ``finish(totals)``."""
+
+    name: str
+    sums: Callable[[Tensor, Tensor], dict[str, Tensor]]
+    finish: Callable[[dict[str, Tensor]], None]
+    batch_size: int = 256
+
+
+@attrs.frozen(kw_only=True)
+class FitSpec:
+    """What to fit and how to keep it. ``name`` names the component (folder names);
+    ``identity`` is everything besides the data that determines the fitted weights (the
+    config, the data's shape, a format version), hashed with the data's key. ``phases()``
+    builds the phases, run in order (called only when fitting: their modules and loss
+    networks cost memory). ``state()`` is the fitted state to save (after each phase and
+    at the end) and ``load(state, info)`` puts a saved one in place (``info``: what the
+    fit measured; empty for a phase's intermediate state). Optional ``report(batches)``
+    scores the fitted component on held-out (float images on the training device,
+    labels) batches, e.g. test accuracy or PSNR, kept in ``info``."""
+
+    name: str
+    identity: Any
+    phases: Callable[[], Sequence[FitPhase | FitStatistics]]
+    state: Callable[[], dict[str, Tensor]]
+    load: Callable[[dict[str, Tensor], dict[str, Any]], None]
+    report: Callable[[Iterable[tuple[Tensor, Tensor]]], dict[str, float]] | None = None
+
+
+@runtime_checkable
+class FittableComponent(Protocol):
+    """weights spheregen fits before use: fit_spec()
+
+    ``fit_spec()`` -> :class:`FitSpec`. The factory builds the architecture and calls
+    :func:`spheregen.api.load_fitted`, which loads the fitted weights (``spheregen fit
+    EXPERIMENT.toml``; ``run`` and ``train`` fit first) or says how to get them."""
+
+    def fit_spec(self) -> FitSpec: ...
 
 
 @attrs.frozen(kw_only=True)

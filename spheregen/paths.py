@@ -2,7 +2,7 @@
 
 runs/<experiment>/<method>/   checkpoints/step-XXXXXXX/, final/{weights.safetensors,config.json},
                                train_log.jsonl, run.json
-runs/<experiment>/samples/<method>/steps-<T>.npz
+runs/<experiment>/samples/<method>/steps-<T>.npz    (+ steps-<T>.shards/ under several processes)
 runs/.cache/                   preprocessed data, trained feature extractors, tokenizers
 reports/<experiment>/          results.parquet, results.md, config.resolved.json, *.png
 

@@ -32,7 +32,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from spheregen.samples import load_samples  # noqa: E402
+from spheregen.samples import open_samples  # noqa: E402
 from spheregen.interfaces import Column  # noqa: E402
 from spheregen.paths import DirLock, atomic_write, atomic_write_text  # noqa: E402
 from spheregen.results import read_results  # noqa: E402
@@ -431,8 +431,9 @@ def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
     command."""
     paths = []
     for method, steps in _grid_keys(df):
-        images, labels = load_samples(ws.paths.samples(method, steps))
-        classes = grid_classes(labels, ws.exp.eval.grid_classes)
+        samples = open_samples(ws.paths.samples(method, steps))  # memory-mapped: only the grid's rows are read
+        classes = grid_classes(samples.labels, ws.exp.eval.grid_classes)
+        images, labels = samples.first_of_classes(classes, ws.exp.eval.grid_per_class)
         img = labelled_grid(sample_grid(images, labels, ws.exp.eval.grid_per_class, classes), classes)
         path = out / grid_name(method, steps)
         atomic_write(path, lambda p: img.save(p, format="PNG"))

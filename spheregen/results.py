@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import polars as pl
 
 from spheregen.config import config_hash, to_dict
@@ -33,6 +34,10 @@ def eval_hash(ws: Any, entry: MethodEntry) -> str:
     ev = ws.exp.eval
     scoring = {k: getattr(ev, k) for k in ("num_samples", "batch_size", "metrics", "reference", "use_ema", "seed",
                                             "throughput_batch")}
+    # keys added later count only when set, so results scored before them stay current
+    for key in ("reference_stats", "reference_subset"):
+        if getattr(ev, key) != getattr(attrs.fields(type(ev)), key).default:
+            scoring[key] = getattr(ev, key)
     return config_hash({"entry": entry, "seed": ws.exp.seed, "data": ws.exp.data, "eval": scoring,
                         "steps": list(ws.exp.steps_for(entry))})
 

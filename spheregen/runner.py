@@ -1,16 +1,19 @@
-"""Training on accelerate: one method of an experiment, with checkpoints and resume.
+"""Training on accelerate: one method of an experiment, or one phase of a fit, with
+checkpoints and resume.
 
-Batches are drawn by a pure function of the micro-step index (a seeded permutation per
-epoch, sharded by process), not by a DataLoader's iterator state. That makes resume
-exact (no sampler state to restore) and makes N processes see exactly the global
-batches of one process. ``train.batch_size`` is the global batch (images per optimizer
-step over all processes and accumulation micro-steps): each process draws
-batch_size / (processes × grad_accum) images per micro-step.
+:class:`Loop` is the loop both share; :class:`Trainer` trains a method entry,
+:class:`PhaseTrainer` one phase of what a component needs fitted (the RAE decoder, the
+domain classifier; :mod:`spheregen.fit` drives it). Batches are drawn by a pure function
+of the micro-step index (a seeded permutation per epoch, sharded by process), not by a
+DataLoader's iterator state. That makes resume exact (no sampler state to restore) and
+makes N processes see exactly the global batches of one process. ``train.batch_size`` is
+the global batch (images per optimizer step over all processes and accumulation
+micro-steps): each process draws batch_size / (processes × grad_accum) images per
+micro-step.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -212,57 +215,314 @@ def is_trained(ws: Workspace, entry: MethodEntry) -> bool:
         _read_json(meta).get("config_hash") == run_hash(ws, entry)
 
 
-class Trainer:
-    """Trains one method entry of a workspace."""
+def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    """The accelerator of one training run: processes from the launch, ``cfg``'s mixed
+    precision and accumulation, its trackers writing under ``run_dir/tracking``."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=list(cfg.log_with) or None,
+        project_dir=str(run_dir / "tracking"),
+    )
+
+
+class Loop:
+    """The accelerate training loop shared by methods (:class:`Trainer`) and the phases
+    of a fit (:class:`PhaseTrainer`, driven by :mod:`spheregen.fit`): micro-batches as a
+    pure function of (seed, step), gradient accumulation, mixed precision, checkpoints
+    sealed by a sha256 manifest and exact ``--resume``, SIGTERM preemption, a progress
+    bar, the jsonl log and accelerate's trackers.
+
+    A subclass sets ``name`` (messages, progress bar), ``cfg`` (a :class:`TrainConfig`),
+    ``run_dir`` (log, checkpoints, trackers), ``hash`` (the identity every checkpoint
+    carries), ``seed`` and ``flip`` (batch order and mirroring) and ``examples`` (a
+    dataset of (uint8 C×H×W, label)), then calls :meth:`_prepare` with the module to
+    train (``loss(images, labels)``, optional ``param_groups()``) and :meth:`_run`."""
+
+    lr_hint = "train.lr"  # what a non-finite loss message tells the user to lower
+
+    def __init__(self, name: str, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator | None, progress: bool):
+        self.name, self.cfg, self.run_dir = name, cfg, run_dir
+        check_trackers(cfg.log_with)
+        self.acc = accelerator or make_accelerator(cfg, run_dir)
+        self.progress = progress
+        self.lock: DirLock | None = None
+        self.latents: MemoryLatents | DiskLatents | None = None
+        self.ema: EMA | None = None
+        self.step = 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    # -- setup
+
+    def _check_batches(self) -> None:
+        self.micro = micro_batch(self.cfg, self.acc.num_processes)
+        batch_indices(0, len(self.examples), self.micro, 0, self.acc.num_processes, 0)  # fits the data?
+
+    def _prepare(self, module: torch.nn.Module) -> None:
+        """Optimizer, schedule and EMA of ``module``'s trained parameters, prepared by
+        accelerate (DDP, device, mixed precision) and registered for checkpoints."""
+        raw = module.param_groups() if hasattr(module, "param_groups") else [{"params": list(module.parameters())}]
+        groups = [
+            {"params": [p for p in g["params"] if p.requires_grad], "lr": self.cfg.lr * g.get("lr_scale", 1.0)}
+            for g in raw
+        ]
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
+        self.method = module
+        # the scheduler is stepped by hand once per optimizer step: accelerate's wrapper
+        # would step it once per process, which changes the schedule with the world size
+        self.wrapped, self.opt = self.acc.prepare(LossForward(module), opt)
+        self.sched = sched
+        self.acc.register_for_checkpointing(self.sched)
+        self.ema = EMA(module, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        if self.ema is not None:
+            self.acc.register_for_checkpointing(self.ema)
+        self.step = 0
+
+    # -- checkpoints
+
+    def _state_bytes(self) -> int:
+        """About what one checkpoint takes on disk: trained weights, AdamW's two
+        moments, EMA (frozen parameters are not saved)."""
+        trained = sum(p.numel() * p.element_size() for p in self.method.parameters() if p.requires_grad)
+        return trained * (4 if self.ema is not None else 3)
+
+    def save_checkpoint(self) -> Path:
+        root = self.checkpoints
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f".tmp-step-{self.step:07d}"
+        self.acc.wait_for_everyone()
+        # every process writes its own RNG state into the same folder; the main process
+        # seals it with a manifest and moves it into place
+        if self.acc.is_main_process:
+            ensure_free_space(root, self._state_bytes(), f"the checkpoint of step {self.step}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        self.acc.wait_for_everyone()
+        try:
+            self.acc.save_state(str(tmp))
+        except Exception as exc:  # a full disk surfaces as OSError or the writer's own error type
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write the checkpoint {tmp} ({type(exc).__name__}: {exc}); the "
+                                  "partial folder was removed and earlier checkpoints are intact: free disk "
+                                  "space and re-run with --resume") from exc
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (tmp / "step.json").write_text(json.dumps({"step": self.step}))
+            write_manifest(tmp, self.step, self.hash)
+            replace_dir(tmp, final)
+            for old in list_checkpoints(root)[:-2]:  # keep the last two good checkpoints
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_latest(self) -> bool:
+        ckpts = list_checkpoints(self.checkpoints)
+        if not ckpts:
+            return False
+        latest = ckpts[-1]
+        try:
+            manifest = verify_checkpoint(latest)
+        except CheckpointError as exc:
+            prev = f"; the previous checkpoint {ckpts[-2]} is intact: delete {latest} to resume from it" if len(ckpts) > 1 else ""
+            raise CheckpointError(f"{exc}{prev}") from exc
+        self._check_manifest(latest, manifest)
+        self.acc.load_state(str(latest))
+        self.step = int(manifest["step"])
+        return True
+
+    def _check_manifest(self, ckpt: Path, manifest: dict[str, Any]) -> None:
+        """--resume continues only a checkpoint of this very run and budget."""
+        if manifest.get("config_hash") != self.hash:
+            raise StaleError(
+                f"checkpoint {ckpt} was written by a run of another config (hash {manifest.get('config_hash')}, "
+                f"now {self.hash}); resuming would mix two runs' weights: pass --fresh to retrain"
+            )
+        if int(manifest["step"]) > self.cfg.steps:
+            raise StaleError(
+                f"checkpoint {ckpt} is at step {manifest['step']}, beyond train.steps = {self.cfg.steps}; "
+                "raise train.steps or pass --fresh"
+            )
+
+    # -- loop
+
+    def _run(self, resume: bool) -> None:
+        """From step 0 or the latest checkpoint (``resume``) to ``cfg.steps``, then the
+        final checkpoint; a stop signal checkpoints and raises Preempted."""
+        try:
+            self._start(resume)
+            self._init_trackers()
+            with StopRequest() as stop:
+                self._loop(stop)
+            self.save_checkpoint()
+        finally:
+            if self.cfg.log_with:
+                self.acc.end_training()
+
+    def _tracker_run(self) -> tuple[str, dict[str, Any]]:
+        """(tracker run name, extra config) of this run."""
+        return self.name, {"run_hash": self.hash}
+
+    def _init_trackers(self) -> None:
+        """One tracker run per training run, with the recipe as its config."""
+        if not self.cfg.log_with:
+            return
+        hp = {k: v for k, v in to_dict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
+        name, extra = self._tracker_run()
+        self.acc.init_trackers(name, config={**hp, **extra})
+
+    def _start(self, resume: bool) -> None:
+        log_path = self.run_dir / "train_log.jsonl"
+        if resume:
+            if not self.load_latest() and self.acc.is_main_process:
+                print(f"{self.name}: --resume found no checkpoint in {self.checkpoints}; starting from step 0",
+                      file=sys.stderr)
+            if self.acc.is_main_process:
+                truncate_log(log_path, self.step)
+        elif list_checkpoints(self.checkpoints):
+            raise ConfigError(
+                f"{self.run_dir} already has checkpoints; pass --resume to continue or --fresh to start over"
+            )
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The uint8 micro-batches from the current step on, decoded by
+        ``train.num_workers`` DataLoader workers (None when training on cached latents,
+        which need no image)."""
+        if self.latents is not None:
+            return None
+        accum = self.cfg.grad_accum
+        sampler = StepSampler(len(self.examples), self.micro, self.acc.process_index, self.acc.num_processes,
+                              self.seed, self.step * accum, self.cfg.steps * accum)
+        workers = self.cfg.num_workers
+        # its own generator: a DataLoader draws its workers' base seed when iterated, and
+        # from the global RNG that would shift every later noise draw of a resumed run
+        loader = DataLoader(self.examples, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                            pin_memory=self.acc.device.type == "cuda", prefetch_factor=4 if workers else None,
+                            generator=torch.Generator())
+        return iter(loader)
+
+    def _loop(self, stop: StopRequest) -> None:
+        log_path = self.run_dir / "train_log.jsonl"
+        self.batches = self._batches()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.name}",
+                   disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
+        t0, seen, last_ckpt = time.perf_counter(), 0, time.monotonic()
+        while self.step < self.cfg.steps:
+            loss, logs = self._optimizer_step()
+            self.step += 1
+            seen += self.cfg.batch_size
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+                self._log(log_path, loss, logs, rate)
+            stopping, overdue = self._agree(stop, last_ckpt)
+            if stopping:
+                bar.close()
+                self.save_checkpoint()
+                raise Preempted(f"{self.name}: stopped by {stop.name} at step {self.step}/{self.cfg.steps}; "
+                                f"checkpoint saved; continue with --resume", stop.signum)
+            every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+            if (every or overdue) and self.step < self.cfg.steps:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+        bar.close()
+
+    def _agree(self, stop: StopRequest, last_ckpt: float) -> tuple[bool, bool]:
+        """(stop now?, time-based checkpoint due?) as one decision for every process: a
+        signal may reach only some of them, and their clocks differ, while saving a
+        checkpoint is a collective."""
+        minutes = self.cfg.checkpoint_minutes
+        flags = [stop.signum is not None, bool(minutes) and time.monotonic() - last_ckpt >= 60 * minutes]
+        if self.acc.num_processes == 1:
+            return flags[0], flags[1]
+        t = self.acc.reduce(torch.tensor(flags, dtype=torch.float32, device=self.acc.device), reduction="sum")
+        return bool(t[0] > 0), bool(t[1] > 0)
+
+    def _optimizer_step(self) -> tuple[float, dict[str, float]]:
+        total, logs = 0.0, {}
+        for a in range(self.cfg.grad_accum):
+            k = self.step * self.cfg.grad_accum + a
+            if self.latents is not None:
+                idx = batch_indices(k, len(self.examples), self.micro, self.acc.process_index,
+                                    self.acc.num_processes, self.seed)
+                x, y = self.latents.batch(idx, self.flip, self.seed, k, self.acc.device), self.labels[idx].to(self.acc.device)
+            else:
+                images, labels = next(self.batches)
+                x, y = prepare_batch(images, labels, self.flip, self.seed, k, self.acc.device)
+            with self.acc.accumulate(self.wrapped), self.acc.autocast():
+                loss, logs = self.wrapped(x, y, self.latents is not None)
+                self._check_finite(loss, logs)
+                self.acc.backward(loss)
+                if self.acc.sync_gradients and self.cfg.grad_clip > 0:
+                    self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            total += float(loss.detach()) / self.cfg.grad_accum
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.method)
+        return total, logs
+
+    def _check_finite(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+            ckpts = list_checkpoints(self.checkpoints)
+            kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            raise TrainingError(
+                f"{self.name}: non-finite loss {float(loss.detach())} at step {self.step + 1} "
+                f"(terms: {terms or 'none logged'}); {kept}; no results were written from this state. "
+                f"Lower {self.lr_hint} or check the data"
+            )
+
+    def _log(self, path: Path, loss: float, logs: dict[str, float], rate: float) -> None:
+        if not self.acc.is_main_process:
+            return
+        row = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0], "images_per_s": rate,
+               **{k: float(v) for k, v in logs.items()}}
+        if self.cfg.log_with:
+            self.acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Trainer(Loop):
+    """Trains one method entry of a workspace (run folder ``runs/<experiment>/<method>/``,
+    identity :func:`run_hash`); what the method's components need fitted is fitted
+    first (:func:`spheregen.fit.fit_session`: a tokenizer spheregen trains)."""
 
     def __init__(self, ws: Workspace, entry: MethodEntry, accelerator: Accelerator | None = None, progress: bool = True):
         self.ws = ws
         self.entry = entry
-        self.cfg = entry.train
-        self.run_dir = ws.paths.run(entry.name)
-        check_trackers(self.cfg.log_with)
-        self.acc = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=self.cfg.mixed_precision,
-            gradient_accumulation_steps=self.cfg.grad_accum,
-            log_with=list(self.cfg.log_with) or None,
-            project_dir=str(self.run_dir / "tracking"),
-        )
-        self.progress = progress
+        super().__init__(entry.name, entry.train, ws.paths.run(entry.name), accelerator, progress)
         self.hash = run_hash(ws, entry)
-        self.lock: DirLock | None = None
+        self.seed, self.flip = ws.exp.seed, ws.exp.data.flip
+        self.resume = False
 
     # -- setup
 
     def _setup(self) -> None:
+        from spheregen.fit import fit_session
+
         set_seed(self.ws.exp.seed, device_specific=True)
         data = self.ws.data
         with self.acc.main_process_first():  # the main process prepares the source (an Arrow cache) first
             self.examples = data.examples("train")
         self.labels = self.examples.labels
-        self.micro = micro_batch(self.cfg, self.acc.num_processes)
-        batch_indices(0, len(self.examples), self.micro, 0, self.acc.num_processes, 0)  # fits the data?
-        # the main process builds first: a component that fits something at build time
-        # (a tokenizer trained by spheregen) trains once and the others load its cache
-        with self.acc.main_process_first():
+        self._check_batches()
+        # every process builds at once: a component spheregen fits (a tokenizer it
+        # trains) is fitted here by all processes together through the same loop, or
+        # loaded when an earlier `spheregen fit` (or run) fitted it; the fit leaves the
+        # random state as it found it, so the method's initialisation does not depend on it
+        with fit_session(self.ws, resume=self.resume, progress=self.progress):
             method = self.ws.build_method(self.entry, self.acc.device)
-        groups = [
-            {"params": [p for p in g["params"] if p.requires_grad], "lr": self.cfg.lr * g.get("lr_scale", 1.0)}
-            for g in method.param_groups()
-        ]
-        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
-        self.method = method
-        # the scheduler is stepped by hand once per optimizer step: accelerate's wrapper
-        # would step it once per process, which changes the schedule with the world size
-        self.wrapped, self.opt = self.acc.prepare(LossForward(method), opt)
-        self.sched = sched
-        self.acc.register_for_checkpointing(self.sched)
+        self._prepare(method)
         self.latents = self._latent_cache(method)
-        self.ema = EMA(method, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
-        if self.ema is not None:
-            self.acc.register_for_checkpointing(self.ema)
-        self.step = 0
 
     def _latent_cache(self, method: Any) -> MemoryLatents | DiskLatents | None:
         flip = self.ws.exp.data.flip
@@ -280,7 +540,7 @@ class Trainer:
         return DiskLatents.open(method, self.examples, flip, self.acc.device,
                                 self.ws.paths.cache / "latents" / key, main, self.cfg.num_workers)
 
-    # -- checkpoints
+    # -- run folder
 
     def _lock_run_dir(self) -> None:
         """The main process takes the run folder's lock (one writer per run) before it
@@ -315,69 +575,6 @@ class Trainer:
             return
         remove_owned(self.run_dir, self.ws.paths.runs_root, keep=(self.lock.path,) if self.lock else ())
 
-    def _state_bytes(self) -> int:
-        """About what one checkpoint takes on disk: trained weights, AdamW's two
-        moments, EMA (frozen parameters are not saved)."""
-        trained = sum(p.numel() * p.element_size() for p in self.method.parameters() if p.requires_grad)
-        return trained * (4 if self.ema is not None else 3)
-
-    def save_checkpoint(self) -> Path:
-        root = self.ws.paths.checkpoints(self.entry.name)
-        final = root / f"step-{self.step:07d}"
-        tmp = root / f".tmp-step-{self.step:07d}"
-        self.acc.wait_for_everyone()
-        # every process writes its own RNG state into the same folder; the main process
-        # seals it with a manifest and moves it into place
-        if self.acc.is_main_process:
-            ensure_free_space(root, self._state_bytes(), f"the checkpoint of step {self.step}")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        self.acc.wait_for_everyone()
-        try:
-            self.acc.save_state(str(tmp))
-        except Exception as exc:  # a full disk surfaces as OSError or the writer's own error type
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write the checkpoint {tmp} ({type(exc).__name__}: {exc}); the "
-                                  "partial folder was removed and earlier checkpoints are intact: free disk "
-                                  "space and re-run with --resume") from exc
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            (tmp / "step.json").write_text(json.dumps({"step": self.step}))
-            write_manifest(tmp, self.step, self.hash)
-            replace_dir(tmp, final)
-            for old in list_checkpoints(root)[:-2]:  # keep the last two good checkpoints
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return final
-
-    def load_latest(self) -> bool:
-        ckpts = list_checkpoints(self.ws.paths.checkpoints(self.entry.name))
-        if not ckpts:
-            return False
-        latest = ckpts[-1]
-        try:
-            manifest = verify_checkpoint(latest)
-        except CheckpointError as exc:
-            prev = f"; the previous checkpoint {ckpts[-2]} is intact: delete {latest} to resume from it" if len(ckpts) > 1 else ""
-            raise CheckpointError(f"{exc}{prev}") from exc
-        self._check_manifest(latest, manifest)
-        self.acc.load_state(str(latest))
-        self.step = int(manifest["step"])
-        return True
-
-    def _check_manifest(self, ckpt: Path, manifest: dict[str, Any]) -> None:
-        """--resume continues only a checkpoint of this very run and budget."""
-        if manifest.get("config_hash") != self.hash:
-            raise StaleError(
-                f"checkpoint {ckpt} was written by a run of another config (hash {manifest.get('config_hash')}, "
-                f"now {self.hash}); resuming would mix two runs' weights: pass --fresh to retrain"
-            )
-        if int(manifest["step"]) > self.cfg.steps:
-            raise StaleError(
-                f"checkpoint {ckpt} is at step {manifest['step']}, beyond train.steps = {self.cfg.steps}; "
-                "raise train.steps or pass --fresh"
-            )
-
     def save_final(self) -> Path:
         """final/weights.safetensors (the whole method, and its EMA) with config.json."""
         path = self.ws.paths.final(self.entry.name)
@@ -396,145 +593,43 @@ class Trainer:
     # -- loop
 
     def train(self, resume: bool = False, fresh: bool = False) -> Path:
+        self.resume = resume  # also continues an interrupted fit of the method's components
         self._setup()  # builds everything first: a config or weights error writes nothing
         self._lock_run_dir()
         try:
             self._check_run_dir(resume, fresh)
-            self._start(resume)
-            self._init_trackers()
-            with StopRequest() as stop:
-                self._loop(stop)
-            self.save_checkpoint()
+            self._run(resume)
             return self.save_final()
         finally:
-            if self.cfg.log_with:
-                self.acc.end_training()
             if self.lock is not None:
                 self.lock.release()
 
-    def _init_trackers(self) -> None:
-        """One tracker run per method, named after it, with the recipe as its config."""
-        if not self.cfg.log_with:
-            return
-        hp = {k: v for k, v in to_dict(self.cfg).items() if isinstance(v, (int, float, str, bool))}
-        self.acc.init_trackers(self.entry.name, config={**hp, "method": self.entry.method.name,
-                                                        "run_hash": self.hash, "experiment": self.ws.exp.name})
+    def _tracker_run(self) -> tuple[str, dict[str, Any]]:
+        """One tracker run per method, named after it."""
+        return self.entry.name, {"method": self.entry.method.name, "run_hash": self.hash,
+                                 "experiment": self.ws.exp.name}
 
-    def _start(self, resume: bool) -> None:
-        log_path = self.run_dir / "train_log.jsonl"
-        if resume:
-            if not self.load_latest() and self.acc.is_main_process:
-                where = self.ws.paths.checkpoints(self.entry.name)
-                print(f"{self.entry.name}: --resume found no checkpoint in {where}; starting from step 0", file=sys.stderr)
-            if self.acc.is_main_process:
-                truncate_log(log_path, self.step)
-        elif list_checkpoints(self.ws.paths.checkpoints(self.entry.name)):
-            raise ConfigError(
-                f"{self.run_dir} already has checkpoints; pass --resume to continue or --fresh to start over"
-            )
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
-        """The uint8 micro-batches from the current step on, decoded by
-        ``train.num_workers`` DataLoader workers (None when training on cached latents,
-        which need no image)."""
-        if self.latents is not None:
-            return None
-        accum = self.cfg.grad_accum
-        sampler = StepSampler(len(self.examples), self.micro, self.acc.process_index, self.acc.num_processes,
-                              self.ws.exp.seed, self.step * accum, self.cfg.steps * accum)
-        workers = self.cfg.num_workers
-        # its own generator: a DataLoader draws its workers' base seed when iterated, and
-        # from the global RNG that would shift every later noise draw of a resumed run
-        loader = DataLoader(self.examples, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                            pin_memory=self.acc.device.type == "cuda", prefetch_factor=4 if workers else None,
-                            generator=torch.Generator())
-        return iter(loader)
+class PhaseTrainer(Loop):
+    """Trains one :class:`spheregen.interfaces.FitPhase` of a fit (:mod:`spheregen.fit`
+    drives the phases, their folder, lock and identity): ``examples`` in the phase's
+    ``cfg`` (the component's recipe in the experiment's launch settings), seeded by the
+    recipe, checkpoints under ``run_dir``."""
 
-    def _loop(self, stop: StopRequest) -> None:
-        log_path = self.run_dir / "train_log.jsonl"
-        self.batches = self._batches()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.entry.name}",
-                   disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
-        t0, seen, last_ckpt = time.perf_counter(), 0, time.monotonic()
-        while self.step < self.cfg.steps:
-            loss, logs = self._optimizer_step()
-            self.step += 1
-            seen += self.cfg.batch_size
-            rate = seen / max(1e-9, time.perf_counter() - t0)
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
-                self._log(log_path, loss, logs, rate)
-            stopping, overdue = self._agree(stop, last_ckpt)
-            if stopping:
-                bar.close()
-                self.save_checkpoint()
-                raise Preempted(f"{self.entry.name}: stopped by {stop.name} at step {self.step}/{self.cfg.steps}; "
-                                f"checkpoint saved; continue with --resume", stop.signum)
-            every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
-            if (every or overdue) and self.step < self.cfg.steps:
-                self.save_checkpoint()
-                last_ckpt = time.monotonic()
-        bar.close()
+    lr_hint = "the component's lr"
 
-    def _agree(self, stop: StopRequest, last_ckpt: float) -> tuple[bool, bool]:
-        """(stop now?, time-based checkpoint due?) as one decision for every process: a
-        signal may reach only some of them, and their clocks differ, while saving a
-        checkpoint is a collective."""
-        minutes = self.cfg.checkpoint_minutes
-        flags = [stop.signum is not None, bool(minutes) and time.monotonic() - last_ckpt >= 60 * minutes]
-        if self.acc.num_processes == 1:
-            return flags[0], flags[1]
-        t = self.acc.reduce(torch.tensor(flags, dtype=torch.float32, device=self.acc.device), reduction="sum")
-        return bool(t[0] > 0), bool(t[1] > 0)
+    def __init__(self, name: str, module: torch.nn.Module, cfg: TrainConfig, examples: Any, seed: int,
+                 run_dir: Path, run_hash: str, accelerator: Accelerator | None = None, progress: bool = True):
+        super().__init__(name, cfg, run_dir, accelerator, progress)
+        self.module, self.examples, self.seed, self.flip, self.hash = module, examples, seed, False, run_hash
 
-    def _optimizer_step(self) -> tuple[float, dict[str, float]]:
-        total, logs = 0.0, {}
-        for a in range(self.cfg.grad_accum):
-            k = self.step * self.cfg.grad_accum + a
-            flip, seed = self.ws.exp.data.flip, self.ws.exp.seed
-            if self.latents is not None:
-                idx = batch_indices(k, len(self.examples), self.micro, self.acc.process_index,
-                                    self.acc.num_processes, seed)
-                x, y = self.latents.batch(idx, flip, seed, k, self.acc.device), self.labels[idx].to(self.acc.device)
-            else:
-                images, labels = next(self.batches)
-                x, y = prepare_batch(images, labels, flip, seed, k, self.acc.device)
-            with self.acc.accumulate(self.wrapped), self.acc.autocast():
-                loss, logs = self.wrapped(x, y, self.latents is not None)
-                self._check_finite(loss, logs)
-                self.acc.backward(loss)
-                if self.acc.sync_gradients and self.cfg.grad_clip > 0:
-                    self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.grad_clip)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-            total += float(loss.detach()) / self.cfg.grad_accum
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update(self.method)
-        return total, logs
-
-    def _check_finite(self, loss: torch.Tensor, logs: dict[str, float]) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            ckpts = list_checkpoints(self.ws.paths.checkpoints(self.entry.name))
-            kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-            raise TrainingError(
-                f"{self.entry.name}: non-finite loss {float(loss.detach())} at step {self.step + 1} "
-                f"(terms: {terms or 'none logged'}); {kept}; no results were written from this state. "
-                "Lower train.lr or check the data"
-            )
-
-    def _log(self, path: Path, loss: float, logs: dict[str, float], rate: float) -> None:
-        if not self.acc.is_main_process:
-            return
-        row = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0], "images_per_s": rate,
-               **{k: float(v) for k, v in logs.items()}}
-        if self.cfg.log_with:
-            self.acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def train(self, resume: bool = False) -> None:
+        set_seed(self.seed, device_specific=True)
+        self._check_batches()
+        self.module.train()
+        self._prepare(self.module)
+        self._run(resume)
+        self.module.eval()
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -129,7 +129,3 @@ class Workspace:
                     )
                 owner[key] = i
         return built
-
-    def reference_images(self) -> torch.Tensor:
-        split = self.data.train if self.exp.eval.reference == "train" else self.data.test
-        return split.images

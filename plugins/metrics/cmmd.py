@@ -32,8 +32,9 @@ in order (so batch-aligned shards concatenated equal the whole), :meth:`CMMD.sco
 scores gathered features, and ``compute = score(extract(samples), reference features)``.
 The extractor instance is the one FID/KID use for the same network and weights, and the
 reference's embeddings are cached like theirs: in memory and on disk under
-``<cache_dir>/features/`` (CLIP ViT-L/14-336 embeds a 50k reference once, not at every
-``evaluate``).
+``<cache_dir>/features/`` (CLIP ViT-L/14-336 embeds a reference once, not at every
+``evaluate``). Evaluation hands CMMD the reference's capped, class-balanced subset
+(``eval.reference_subset`` images, the whole split below it), as it does KID.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class CMMD:
         self.features = self.space.name
         self.feature_info = self.space.info
         # batch size included: features are bit-exact only for equal batch composition
+        self.batch_size = cfg.batch_size
         self.feature_key = f"{self.space.extractor}:{self.layer}:{digest}:b{cfg.batch_size}"
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         self.keys: tuple[str, ...] = ("cmmd",) + ((self.accuracy_key,) if self.space.accuracy is not None else ())

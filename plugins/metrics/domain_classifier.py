@@ -6,33 +6,36 @@ at the data's native resolution. It is a different, labelled feature space
 (``FID[domain-classifier]``), never a stand-in for Inception numbers; its held-out test
 accuracy is reported with every score so a reader can judge the features.
 
-The trained weights live in one file (state dict plus the architecture and provenance
-as plain data). torch-fidelity builds :class:`DomainClassifierExtractor` from that path
-(``feature_extractor_weights_path``), so the extractor works in any process.
+Fitting is a stage run by the core's accelerate trainer (:class:`ClassifierFit`, the
+FittableComponent capability; ``spheregen fit EXPERIMENT.toml``, and ``run`` first);
+the metric factories only load. The fitted weights are one safetensors file with
+``fit.json`` beside it (architecture, provenance, test accuracy). torch-fidelity builds
+:class:`DomainClassifierExtractor` from that path (``feature_extractor_weights_path``),
+so the extractor works in any process.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import re
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from spheregen.api import ConfigError, DataError, MetricContext, config_hash, to_dict
+from spheregen.api import (BuildContext, ConfigError, DataError, DataSpec, FitPhase, FitRecipe, FitSpec, MetricContext,
+                           load_fitted)
 from spheregen_plugins.metrics.config import ClassifierConfig
 
 EXTRACTOR = "spheregen-domain-classifier"
-FORMAT = "spheregen-domain-classifier/1"
+FORMAT = "spheregen-domain-classifier/2"  # 1: classifier.pt trained in the factory
 FEATURE_LAYER = "features"
 LOGITS_LAYER = "logits"
 
@@ -70,12 +73,12 @@ def to_input(images: Tensor) -> Tensor:
     return images.float() / 127.5 - 1.0
 
 
-# ---------------------------------------------------------------- training and cache
+# ---------------------------------------------------------------- fitting and loading
 
 
 @attrs.frozen(kw_only=True)
 class TrainedClassifier:
-    """A trained classifier on disk: ``path`` is what torch-fidelity loads."""
+    """A fitted classifier on disk: ``path`` is what torch-fidelity loads."""
 
     path: Path
     key: str
@@ -88,47 +91,75 @@ class TrainedClassifier:
         return f"domain-classifier (test acc {100 * self.test_accuracy:.1f}%)"
 
 
-def ensure_classifier(cfg: ClassifierConfig, ctx: MetricContext) -> TrainedClassifier:
-    """The classifier for ``ctx``'s dataset: loaded from the cache, or trained and cached.
+class ClassifierObjective(nn.Module):
+    """Cross-entropy of the classifier's logits (grayscale replicated to 3 channels, as
+    torch-fidelity hands the extractor)."""
 
-    The cache entry is ``<cache_dir>/domain-classifier/<dataset>-<hash>/classifier.pt``
-    with the hash over the dataset key, this config and the data's shapes, so every
-    metric of an experiment (and every later run) shares one training.
-    """
-    _check_data(ctx)
-    key = config_hash(
-        {
-            "format": FORMAT,
-            "dataset_key": ctx.dataset_key,
-            "classifier": cfg,
-            "train_shape": list(ctx.train_images.shape),
-            "test_shape": list(ctx.test_images.shape),
-            "num_classes": ctx.data.num_classes,
-        }
-    )
-    path = Path(ctx.cache_dir) / "domain-classifier" / f"{slug(ctx.dataset_key)}-{key}" / "classifier.pt"
-    if path.is_file():
-        meta = torch.load(path, map_location="cpu", weights_only=True)
-        return TrainedClassifier(
-            path=path, key=key, test_accuracy=meta["test_accuracy"], train_seconds=meta["train_seconds"], trained_now=False
+    def __init__(self, model: DomainCNN):
+        super().__init__()
+        self.model = model
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        _, logits = self.model(x)
+        return F.cross_entropy(logits, labels), {}
+
+
+class ClassifierFit:
+    """The domain classifier as a component spheregen fits (FittableComponent): one
+    phase of ``cfg.epochs`` passes over the labelled training split, AdamW (β 0.9/0.999,
+    ``weight_decay``), linear warmup over 15% then cosine to 0, batches of ``batch_size``
+    (global, drop-last); the report is the accuracy on the held-out split."""
+
+    def __init__(self, cfg: ClassifierConfig, num_classes: int, shape: tuple[int, int, int]):
+        self.cfg, self.num_classes, self.shape = cfg, num_classes, tuple(int(s) for s in shape)
+        with torch.random.fork_rng(devices=[]):  # initialised by the config's seed alone
+            torch.manual_seed(cfg.seed)
+            self.model = DomainCNN(cfg.width, num_classes)
+
+    def fit_spec(self) -> FitSpec:
+        cfg = self.cfg
+        identity = {"format": FORMAT, "classifier": cfg, "num_classes": self.num_classes,
+                    "channels": self.shape[0], "image_size": list(self.shape[1:])}
+        recipe = FitRecipe(batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs, warmup_fraction=0.15,
+                           min_lr_ratio=0.0, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, grad_clip=0.0,
+                           seed=cfg.seed)
+        return FitSpec(
+            name="domain-classifier", identity=identity,
+            phases=lambda: [FitPhase(name="classifier", module=ClassifierObjective(self.model), recipe=recipe)],
+            state=self.model.state_dict, load=self._load, report=self._report,
         )
-    start = time.perf_counter()
-    model = train_classifier(cfg, ctx.train_images, ctx.train_labels, ctx.data.num_classes, ctx.device)
-    seconds = time.perf_counter() - start
-    accuracy = classifier_accuracy(model, ctx.test_images, ctx.test_labels, cfg.batch_size)
-    checkpoint = {
-        "format": FORMAT,
-        "width": cfg.width,
-        "num_classes": ctx.data.num_classes,
-        "image_size": list(ctx.train_images.shape[-2:]),
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "test_accuracy": accuracy,
-        "train_seconds": seconds,
-        "dataset_key": ctx.dataset_key,
-        "config": to_dict(cfg),
-    }
-    _atomic_save(checkpoint, path)
-    return TrainedClassifier(path=path, key=key, test_accuracy=accuracy, train_seconds=seconds, trained_now=True)
+
+    def _load(self, state: dict[str, Tensor], _info: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    @torch.no_grad()
+    def _report(self, batches: Any) -> dict[str, float]:
+        self.model.eval()
+        correct = count = 0
+        for x, y in batches:
+            self.model.to(x.device)
+            _, logits = self.model(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        return {"test_accuracy": correct / max(count, 1)}
+
+
+def ensure_classifier(cfg: ClassifierConfig, ctx: MetricContext) -> TrainedClassifier:
+    """The classifier for ``ctx``'s dataset, loaded from its fit
+    (``<cache_dir>/fit/domain-classifier/<dataset>-<key>/weights.safetensors``, the key
+    over this config, the data's shape and key and the mixed precision), so every metric
+    of an experiment (and every later run) shares one fit. ``spheregen fit`` (or ``run``)
+    fits it; a build outside the CLI fits it on demand (spheregen.api.load_fitted)."""
+    _check_data(ctx)
+    fit = ClassifierFit(cfg, ctx.data.num_classes, tuple(ctx.train_images.shape[1:]))
+    result = load_fitted(fit, ctx)
+    if result.weights is None:
+        raise DataError("features = \"domain-classifier\" keeps its fitted classifier in the metric context's "
+                        "cache_dir; the context has none")
+    return TrainedClassifier(path=result.weights, key=result.key, test_accuracy=result.info["test_accuracy"],
+                             train_seconds=result.info.get("seconds", 0.0), trained_now=result.fitted_now)
 
 
 def _check_data(ctx: MetricContext) -> None:
@@ -155,7 +186,8 @@ def _check_data(ctx: MetricContext) -> None:
 def train_classifier(
     cfg: ClassifierConfig, images: Tensor, labels: Tensor, num_classes: int, device: torch.device | str = "cpu"
 ) -> DomainCNN:
-    """Train a :class:`DomainCNN` on uint8 N×C×H×W images and int64 N labels.
+    """Fit a :class:`DomainCNN` on uint8 N×C×H×W images and int64 N labels, through the
+    core's fit (the trainer of :class:`ClassifierFit`), without caching it.
 
     Seeded (initialisation and batch order), so a fixed input gives the same weights on
     a fixed device and thread count. Returns the model in eval mode.
@@ -163,31 +195,10 @@ def train_classifier(
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"need equally many images and labels, got {len(images)} and {len(labels)}")
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = DomainCNN(cfg.width, num_classes).to(device)
-    order = torch.Generator().manual_seed(cfg.seed)
-    n = len(images)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
-    )
-    model.train()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=order)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            x = to_input(images[idx].to(device))
-            _, logits = model(x)
-            loss = F.cross_entropy(logits, labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"domain classifier training diverged (loss {loss.item()}); lower classifier.lr")
-    return model.eval()
+    fit = ClassifierFit(cfg, num_classes, tuple(images.shape[1:]))
+    spec = DataSpec(image_size=int(images.shape[-1]), channels=int(images.shape[1]), num_classes=num_classes)
+    load_fitted(fit, BuildContext(data=spec, build=None, train_data=lambda: (images, labels), device=device))
+    return fit.model.to(device).eval()
 
 
 @torch.no_grad()
@@ -202,31 +213,29 @@ def classifier_accuracy(model: DomainCNN, images: Tensor, labels: Tensor, batch_
 
 
 def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[DomainCNN, dict[str, Any]]:
-    """Rebuild a classifier from its cache file; returns (model in eval mode, metadata)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (format {checkpoint.get('format')!r})")
-    model = DomainCNN(checkpoint["width"], checkpoint["num_classes"])
-    model.load_state_dict(checkpoint.pop("state_dict"))
-    return model.to(device).eval(), checkpoint
+    """Rebuild a classifier from its fitted weights file (and the ``fit.json`` beside
+    it); returns (model in eval mode, metadata: ``image_size`` [H, W], ``width``,
+    ``num_classes``, ``test_accuracy``, ...)."""
+    path = Path(path)
+    try:
+        fit = json.loads((path.parent / "fit.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a fitted {FORMAT} classifier: {path.parent / 'fit.json'} is "
+                         f"unreadable ({exc})") from exc
+    identity = fit.get("identity", {})
+    if identity.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (format {identity.get('format')!r})")
+    width, num_classes = identity["classifier"]["width"], identity["num_classes"]
+    model = DomainCNN(width, num_classes)
+    model.load_state_dict(load_file(str(path)))
+    meta = {"format": FORMAT, "width": width, "num_classes": num_classes, "image_size": identity["image_size"],
+            "config": identity["classifier"], "dataset_key": fit.get("data_key"), **fit.get("info", {})}
+    return model.to(device).eval(), meta
 
 
 def slug(text: str) -> str:
     """A file-name-safe prefix of a dataset key (caches stay readable)."""
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")[:40] or "data"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    # a concurrent reader sees either no file or a whole one
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------- torch-fidelity

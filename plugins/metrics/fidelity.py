@@ -12,7 +12,11 @@ sample sets (one per method and step count) against the same reference images:
   sample set once for all metrics of one feature space (equal ``feature_key``);
 * the reference's features are cached on disk under ``<cache_dir>/features/`` by
   content, dataset key, feature space and batch size, so they are extracted once;
-  samples are never cached (each set is scored once);
+  samples are never cached (each set is scored once). Evaluation hands KID and
+  precision/recall the reference's capped, class-balanced subset; FID scores against
+  the reference's statistics (``reference_statistics``: mean and covariance of the whole
+  split, streamed and cached, or the arrays of ``[eval] reference_stats``, checked to be
+  in FID's feature space);
 * every random choice (KID subsets, IS shuffle) is seeded, and CPU feature extraction
   is deterministic, so a fixed input gives a fixed score.
 """
@@ -22,14 +26,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import attrs
+import numpy as np
 import threadpoolctl
 import torch
 import torch_fidelity
 from torch import Tensor
+from tqdm.auto import tqdm
 from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
@@ -37,7 +44,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from spheregen.api import Column, MetricContext, atomic_write
+from spheregen.api import Column, ConfigError, MetricContext, atomic_write
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import FeatureMetricConfig
 
@@ -126,9 +133,11 @@ def shared_extractor(space: FeatureSpace, device: torch.device | str) -> torch.n
 def extract_layers(net: torch.nn.Module, images: Tensor, batch_size: int, device: torch.device | str) -> dict[str, Tensor]:
     """uint8 N×C×H×W -> {layer: float N×D on the CPU} for every layer ``net`` provides, in
     batches of ``batch_size`` taken in order (so batch-aligned shards concatenate to
-    exactly the whole); grayscale is replicated to RGB. No images: an empty dict."""
+    exactly the whole); grayscale is replicated to RGB. No images: an empty dict. More than
+    one batch (a reference): a progress bar."""
     parts: dict[str, list[Tensor]] = {}
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc=f"features ({type(net).__name__})", leave=False,
+                  disable=len(images) <= batch_size):
         x = images[i:i + batch_size].to(device)
         feats = net.convert_features_tuple_to_dict(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x))
         for k, v in feats.items():
@@ -142,14 +151,19 @@ class ReferenceCache:
     ``<cache_dir>/features/spheregen-ref-<dataset>-<content digest>-<tag>.pt``, so a
     reference is extracted once across evaluations. ``tag`` must name everything the
     features depend on besides the images (feature space, weights, layers, batch size).
-    One instance can hold several references (gFID's train split and rFID's test split)."""
+    The memory is shared by every instance (the :data:`KEEP` latest references), so the
+    metrics of one feature space (FID, KID, precision/recall) hold one copy; it can hold
+    several references (gFID's train split and rFID's test split)."""
+
+    KEEP = 4
+    _recent: OrderedDict[tuple[str, str, str, int], tuple[Tensor, int, dict[str, Tensor]]] = OrderedDict()
 
     def __init__(self, ctx: MetricContext, tag: str, extract: Callable[[Tensor], dict[str, Tensor]]):
         self.ctx, self.tag, self.extract = ctx, tag, extract
-        self._memo: dict[int, tuple[Tensor, int, dict[str, Tensor]]] = {}
 
     def __call__(self, reference: Tensor) -> dict[str, Tensor]:
-        memo = self._memo.get(id(reference))
+        key = (str(self.ctx.cache_dir), self.ctx.dataset_key, self.tag, id(reference))
+        memo = self._recent.get(key)
         if memo is not None and memo[0] is reference and memo[1] == reference._version:
             return memo[2]
         dataset = domain_classifier.slug(self.ctx.dataset_key)
@@ -160,7 +174,10 @@ class ReferenceCache:
         else:
             features = self.extract(reference)
             atomic_write(path, lambda p: torch.save(features, p))
-        self._memo[id(reference)] = (reference, reference._version, features)
+        self._recent[key] = (reference, reference._version, features)
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.KEEP:
+            self._recent.popitem(last=False)
         return features
 
 
@@ -213,6 +230,7 @@ class FidelityMetric:
         # Inception 2048 + logits_unbiased, 3,056 of the 5,088 floats per image it provides
         self.layers = frozenset(extractor.get_default_feature_layer_for_metric(f) for f in ("fid", "kid", "isc", "prc"))
         # batch size is part of the identity: features are bit-exact only for equal batches
+        self.batch_size = cfg.batch_size
         self.feature_key = f"{self.space.extractor}:{self.space.cache_tag}:b{cfg.batch_size}"
         self._references = ReferenceCache(ctx, f"{self.space.cache_tag}-b{cfg.batch_size}",
                                           lambda images: self.extract(images))
@@ -227,7 +245,7 @@ class FidelityMetric:
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor] | None) -> dict[str, float]:
         """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""
-        n_ref = len(reference_features[self.layer]) if self.NEEDS_REFERENCE else 0
+        n_ref = _count(reference_features, self.layer) if self.NEEDS_REFERENCE else 0
         # One BLAS thread for the numpy statistics (covariances, FID's eigvals): the
         # result no longer depends on the core count, and OpenBLAS threads competing
         # with torch's on a busy CPU made a 128-dim FID take 1.7 s instead of 5 ms.
@@ -262,7 +280,12 @@ class FidelityMetric:
 
 
 class FID(FidelityMetric):
-    """Fréchet Inception Distance (or Fréchet distance in the configured feature space)."""
+    """Fréchet Inception Distance (or Fréchet distance in the configured feature space).
+
+    The reference ``score`` takes is its features (``reference_features``, as
+    ``compute`` uses) or its statistics (``reference_statistics``: float64 ``mu`` D and
+    ``sigma`` D×D). ``statistics_features`` names the feature space, layer and weights,
+    as statistics files record it."""
 
     FLAG = "fid"
     KEYS = {"fid": "frechet_inception_distance"}
@@ -275,12 +298,102 @@ class FID(FidelityMetric):
     def __init__(self, cfg: FeatureMetricConfig, ctx: MetricContext):
         super().__init__(cfg, ctx)
         self._reference_stats = ReferenceMemo()
+        self._streamed: dict[str, dict[str, Any]] = {}  # reference key -> statistics
+        self.statistics_features = f"{self.space.name}:{self.space.extractor}:{self.layer}:{self.space.cache_tag}"
+
+    def reference_statistics(self, reference: Any) -> dict[str, Any]:
+        """float64 ``mu`` and ``sigma`` of ``reference`` (a ReferenceSet: ``key``,
+        ``stats``, ``cap``, ``batches``, ``subset_images``): the checked statistics file
+        when it has one; else, when the whole split is its subset, those of the subset's
+        cached features (as ``compute`` takes them); else streamed over the whole split
+        once, in batches of ``cfg.batch_size``, and cached on disk by the reference's key."""
+        if reference.stats is not None:
+            return self._checked(reference.stats)
+        if len(reference) <= reference.cap:
+            features = self.reference_features(reference.subset_images())
+            return self._reference_stats.get(features[self.layer],
+                                             lambda: fid_featuresdict_to_statistics(features, self.layer))
+        if reference.key not in self._streamed:
+            name = f"spheregen-refstats-{domain_classifier.slug(reference.key)}-{self.space.cache_tag}-" \
+                   f"{self.layer}-b{self.cfg.batch_size}"
+            path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
+            if path.is_file():
+                stats = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                stats = self._stream(reference)
+                atomic_write(path, lambda p: torch.save(stats, p))
+            self._streamed[reference.key] = {k: v.numpy() for k, v in stats.items() if k in ("mu", "sigma")}
+        return self._streamed[reference.key]
+
+    def _stream(self, reference: Any) -> dict[str, Tensor]:
+        moments = Moments()
+        desc = f"FID statistics of the {reference.name} ({len(reference)} images, {self.features})"
+        for images in reference.batches(self.cfg.batch_size, desc=desc):
+            moments.add(self.extract(images)[self.layer])
+        return moments.statistics()
+
+    def _checked(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The statistics file's arrays, once they are known to be in this FID's feature
+        space: its recorded ``features`` (a file recording none holds Inception
+        statistics, as ADM's and the Sphere Encoder's do) and its dimension."""
+        where = f"eval.reference_stats = {stats['path']!r}"
+        recorded = stats["features"] if stats["features"] is not None else "inception (recorded in no 'features' array)"
+        if stats["features"] != self.statistics_features and (stats["features"] is not None or
+                                                               self.space.name != "inception"):
+            raise ConfigError(f"{where} holds statistics in the feature space {recorded}, but this FID measures in "
+                              f"{self.statistics_features} ({self.feature_info}): write the file for this "
+                              "experiment with `spheregen reference-stats EXPERIMENT.toml --out FILE.npz`, or set "
+                              "the metric's features to the file's")
+        dim = self._dimension()
+        if stats["mu"].shape != (dim,):
+            raise ConfigError(f"{where} holds {len(stats['mu'])}-dimensional statistics, but this FID's features "
+                              f"({self.statistics_features}) have {dim} dimensions")
+        return {"mu": stats["mu"], "sigma": stats["sigma"]}
+
+    def _dimension(self) -> int:
+        """Size of the FID layer, from the features of one black image."""
+        spec = self.ctx.data
+        probe = torch.zeros((1, spec.channels, spec.image_size, spec.image_size), dtype=torch.uint8)
+        return int(self.extract(probe)[self.layer].shape[1])
 
     def _score(self, samples, reference, n_samples, n_reference):
-        _at_least("FID", 2, n_samples, n_reference)
-        ref_stats = self._reference_stats.get(reference[self.layer],
-                                              lambda: fid_featuresdict_to_statistics(reference, self.layer))
-        return fid_statistics_to_metric(fid_featuresdict_to_statistics(samples, self.layer), ref_stats, verbose=False)
+        _at_least("FID", 2, n_samples, *([n_reference] if n_reference is not None else []))
+        if "mu" in reference:
+            ref_stats = reference
+        else:
+            ref_stats = self._reference_stats.get(reference[self.layer],
+                                                  lambda: fid_featuresdict_to_statistics(reference, self.layer))
+        sample_stats = fid_featuresdict_to_statistics(samples, self.layer)
+        if sample_stats["mu"].dtype != ref_stats["mu"].dtype:  # float32 means of features, float64 of a file
+            sample_stats = {k: v.astype(np.float64) for k, v in sample_stats.items()}
+            ref_stats = {k: np.asarray(v, np.float64) for k, v in ref_stats.items()}
+        return fid_statistics_to_metric(sample_stats, ref_stats, verbose=False)
+
+
+class Moments:
+    """Mean and covariance (float64, as ``np.cov``) of feature rows added batch by batch,
+    shifted by the first batch's mean so the sums stay well conditioned."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: Tensor | None = None
+        self.s1: Tensor | float = 0.0
+        self.s2: Tensor | float = 0.0
+
+    def add(self, rows: Tensor) -> None:
+        x = rows.double()
+        if self.shift is None:
+            self.shift = x.mean(0)
+        d = x - self.shift
+        self.n += len(x)
+        self.s1 = self.s1 + d.sum(0)
+        self.s2 = self.s2 + d.T @ d
+
+    def statistics(self) -> dict[str, Tensor]:
+        _at_least("FID statistics", 2, self.n)
+        mean = self.s1 / self.n
+        return {"mu": self.shift + mean, "sigma": (self.s2 - self.n * torch.outer(mean, mean)) / (self.n - 1),
+                "n": torch.tensor(self.n)}
 
 
 class KID(FidelityMetric):
@@ -330,6 +443,11 @@ class PrecisionRecall(FidelityMetric):
         _at_least("precision/recall", self.cfg.neighborhood + 1, n_samples, n_reference)
         return prc_featuresdict_to_metric(samples, reference, self.layer, prc_neighborhood=self.cfg.neighborhood,
                                           save_cpu_ram=True, verbose=False)
+
+
+def _count(reference: dict[str, Any], layer: str) -> int | None:
+    """Images behind a reference: the rows of its features, None for statistics."""
+    return None if "mu" in reference else len(reference[layer])
 
 
 def _at_least(metric: str, minimum: int, *counts: int) -> None:

@@ -17,10 +17,17 @@ measures the effect); results agree with the plain formulas to fp32 rounding:
 * matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`), SwiGLU's two halves
   are two matmuls with contiguous outputs, token mixing is a batched matmul on B×N×D
   (no transposes), gated residuals are ``addcmul``;
-* without autograd (sampling) activations are applied in place.
+* without autograd (sampling) activations are applied in place;
+* with autograd (training) the norm + modulation, the gated residuals and the qkv
+  projection with RoPE are autograd Functions with hand-written backward passes
+  (:class:`_RmsModulate`, :class:`_GatedResidual`, :class:`_QkvRope`): autograd's own
+  chain for them (vector_norm, mul, addcmul, slices) makes about twice as many full
+  passes over the activations as the gradients need, and zero-fills full-size buffers.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,19 +93,92 @@ def rms_inv(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(norm.square() / x.shape[-1] + eps)
 
 
-def rms_norm(x: Tensor, norm: RmsNorm) -> Tensor:
-    """``norm(x)`` (timm RmsNorm: x·r·w) in one reduction and one or two passes."""
+class _RmsModulate(torch.autograd.Function):
+    """y = x̂·s + shift, x̂ = x·r, r = 1/sqrt(mean(x²) + eps) over the last dim.
+
+    x: B×N×D; s is D (a norm weight) or B×1×D (AdaLN), shift B×1×D; either may be None
+    (then s = 1, shift = 0). The backward is the closed form dx = r·(ĝ - x̂·mean(ĝ·x̂)),
+    ĝ = dy·s, with mean(ĝ·x̂) = (dy·x̂)·s / D taken from the product that s's gradient
+    needs anyway, as a matrix-vector product: five passes over x, where autograd's chain
+    of vector_norm, mul and addcmul makes about ten, with full-size masked fills."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
+        r = rms_inv(x, eps)
+        xh = x * r
+        ctx.save_for_backward(xh, r, s)
+        ctx.shift_shape = None if shift is None else shift.shape
+        if s is None:
+            return xh if shift is None else xh + shift
+        return xh * s if shift is None else torch.addcmul(shift, xh, s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xh, r, s = ctx.saved_tensors
+        need_x, need_s, need_shift, _ = ctx.needs_input_grad
+        grad_shift = grad.sum_to_size(ctx.shift_shape) if need_shift else None
+        prod = grad * xh
+        grad_s = prod.sum_to_size(s.shape) if need_s else None
+        if not need_x:
+            return None, grad_s, grad_shift, None
+        if s is None:
+            dot = prod.mean(-1, keepdim=True)
+            return torch.addcmul(grad, xh, dot, value=-1).mul_(r), grad_s, grad_shift, None
+        # Σ_d prod·s per token: B×N×D @ D×1 (or B×D×1 per sample)
+        column = s.unsqueeze(-1) if s.dim() == 1 else s.transpose(-1, -2)
+        dot = torch.matmul(prod, column).div_(xh.shape[-1])
+        grad_x = (grad * s).addcmul_(xh, dot, value=-1).mul_(r)
+        return grad_x, grad_s, grad_shift, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """x + g·t: a residual branch t (B×N×D) gated by g (B×1×D, or a 0-dim α).
+
+    Same forward as ``addcmul``; autograd's addcmul backward scales by its ``value``
+    (a full pass of 1·t), this one does not, and reduces α's gradient as one dot."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: Tensor, t: Tensor) -> Tensor:
+        ctx.save_for_backward(g, t)
+        return torch.addcmul(x, g, t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        g, t = ctx.saved_tensors
+        need_x, need_g, need_t = ctx.needs_input_grad
+        grad_g = None
+        if need_g and g.dim() == 0:
+            grad_g = torch.dot(grad.reshape(-1), t.reshape(-1).to(grad.dtype))
+        elif need_g:
+            grad_g = (grad * t).sum_to_size(g.shape)
+        grad_t = grad * g if need_t else None
+        return grad if need_x else None, grad_g, grad_t
+
+
+def gated_residual(x: Tensor, g: Tensor, t: Tensor) -> Tensor:
+    """x + g·t with g broadcast over tokens (B×1×D) or a 0-dim scalar."""
+    if _no_graph():
+        return torch.addcmul(x, g, t)
+    return _GatedResidual.apply(x, g, t)
+
+
+def rms_norm(x: Tensor, norm: RmsNorm, affine: bool = True) -> Tensor:
+    """``norm(x)`` (timm RmsNorm: x·r·w) in one reduction and one or two passes;
+    ``affine=False`` leaves out w (a caller that folds it into the next weight)."""
+    weight = norm.weight if affine else None
+    if not _no_graph():
+        return _RmsModulate.apply(x, weight, None, norm.eps)
     y = x * rms_inv(x, norm.eps)
-    if norm.weight is None:
-        return y
-    return y.mul_(norm.weight) if _no_graph() else y * norm.weight
+    return y if weight is None else y.mul_(weight)
 
 
 def rms_modulate(x: Tensor, norm: RmsNorm, shift: Tensor, scale: Tensor) -> Tensor:
     """``modulate(norm(x), shift, scale)`` as (x·r)·s + shift with the small per-sample
     s = w·(1 + scale): one reduction and two passes over x."""
     s = 1 + scale if norm.weight is None else norm.weight * (1 + scale)
-    return torch.addcmul(shift, x * rms_inv(x, norm.eps), s)
+    if _no_graph():
+        return torch.addcmul(shift, x * rms_inv(x, norm.eps), s)
+    return _RmsModulate.apply(x, s, shift, norm.eps)
 
 
 class SwiGLU(nn.Module):
@@ -130,6 +210,57 @@ def _complex_ok(x: Tensor) -> bool:
     return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
 
 
+def _qkv_rope(x: Tensor, weight: Tensor, bias_qk: Tensor, cis: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B×N×H×hd each) of the qkv projection x·Wᵀ (x: B×N×W, W: 3W×W) with the q/k
+    biases (2W) added and RoPE applied (cis: N×1×1×hd/2 complex); v has no bias.
+
+    rope(q + b_q) = rope(q) + rope(b_q): the rotated biases (N×2×H×hd/2) are added by
+    the op that rotates q and k."""
+    b, n, w = x.shape
+    hd = w // heads
+    qkv = linear(x, weight).view(b, n, 3, heads, hd)
+    bias_rot = torch.view_as_complex(bias_qk.view(2, heads, hd // 2, 2)) * cis
+    qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2)))
+    q, k = torch.view_as_real(torch.addcmul(bias_rot, qk, cis)).flatten(-2).unbind(2)
+    return q, k, qkv[:, :, 2]
+
+
+class _QkvRope(torch.autograd.Function):
+    """:func:`_qkv_rope` with a backward that writes the three gradients into one
+    B·N×3W buffer (the q/k ones rotated back by conj(cis) in place of a copy), so the
+    input and weight gradients are one matmul each. Autograd's own backward of the
+    slices and views zero-fills a full-size gradient per slice and adds them up."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias_qk: Tensor, cis: Tensor,
+                heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(x, weight, cis)
+        ctx.heads = heads
+        return _qkv_rope(x, weight, bias_qk, cis, heads)
+
+    @staticmethod
+    def backward(ctx: Any, grad_q: Tensor | None, grad_k: Tensor | None,
+                 grad_v: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, cis = ctx.saved_tensors
+        b, n, w = x.shape
+        hd = w // ctx.heads
+        unused = any(g is None for g in (grad_q, grad_k, grad_v))
+        grads = (x.new_zeros if unused else x.new_empty)(b, n, 3, ctx.heads, hd)
+        back = cis.conj().view(n, 1, hd // 2)
+        for i, g in enumerate((grad_q, grad_k)):
+            if g is not None:
+                out = torch.view_as_complex(grads[:, :, i].unflatten(-1, (-1, 2)))
+                torch.mul(torch.view_as_complex(g.unflatten(-1, (-1, 2))), back, out=out)
+        if grad_v is not None:
+            grads[:, :, 2].copy_(grad_v)
+        rows = grads.view(b * n, 3 * w)
+        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
+        grad_x = torch.mm(rows, weight).view(b, n, w) if need_x else None
+        grad_w = torch.mm(rows.t(), x.reshape(b * n, w)) if need_w else None
+        grad_b = rows[:, : 2 * w].sum(0) if need_b else None
+        return grad_x, grad_w, grad_b, None, None
+
+
 class Attention(nn.Module):
     """Non-causal multi-head self-attention with qkv bias and 2-D RoPE on q and k.
     The product stays in ``F.scaled_dot_product_attention`` so FLOP counters can
@@ -154,18 +285,16 @@ class Attention(nn.Module):
         cos, sin = rope
         # (x0 + i x1)(c + i s) = (x0 c - x1 s) + i(x1 c + x0 s): the rotation of each pair.
         cis = torch.complex(cos[:, 0::2].to(x.dtype), sin[:, 0::2].to(x.dtype)).view(n, 1, 1, hd // 2)
-        bias = self.qkv.bias
-        qkv = linear(x, self.qkv.weight).view(b, n, 3, h, hd)  # biases folded in below
-        # rope(q + b_q) = rope(q) + rope(b_q): the rotated q/k biases (N×2×H×hd/2) are added
-        # by the same op that rotates q and k.
-        bias_qk = torch.view_as_complex(bias[: 2 * w].view(2, h, hd // 2, 2)) * cis
-        qk = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (-1, 2)))
-        qk = torch.view_as_real(torch.addcmul(bias_qk, qk, cis)).flatten(-2)  # B×N×2×H×hd
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        weight, bias_qk = self.qkv.weight, self.qkv.bias[: 2 * w]  # the v bias is folded in below
+        if _no_graph():
+            q, k, v = _qkv_rope(x, weight, bias_qk, cis, h)
+        else:
+            q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, h)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         # softmax rows sum to 1, so attention to v + b_v is attention to v, plus b_v;
         # proj(o + b_v) = proj(o) + W_proj·b_v.
-        proj_bias = torch.addmv(self.proj.bias, self.proj.weight, bias[2 * w:])
+        proj_bias = torch.addmv(self.proj.bias, self.proj.weight, self.qkv.bias[2 * w:])
         return linear(out.transpose(1, 2).reshape(b, n, w), self.proj.weight, proj_bias)
 
 
@@ -185,8 +314,8 @@ class Block(nn.Module):
             x = x + self.attn(rms_norm(x, self.norm1), rope)
             return x + self.mlp(rms_norm(x, self.norm2))
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
-        x = torch.addcmul(x, g1, self.attn(rms_modulate(x, self.norm1, sh1, sc1), rope))
-        return torch.addcmul(x, g2, self.mlp(rms_modulate(x, self.norm2, sh2, sc2)))
+        x = gated_residual(x, g1, self.attn(rms_modulate(x, self.norm1, sh1, sc1), rope))
+        return gated_residual(x, g2, self.mlp(rms_modulate(x, self.norm2, sh2, sc2)))
 
 
 class ModulatedLinear(nn.Module):
@@ -252,14 +381,14 @@ class MixerBlock(nn.Module):
         t = torch.baddbmm(lin1.bias.view(n, 1), lin1.weight.expand(b, n, n), rms_norm(x, self.norm1))
         t = F.silu(t, inplace=True) if _no_graph() else F.silu(t)
         t = torch.baddbmm(lin2.bias.view(n, 1), lin2.weight.expand(b, n, n), t)
-        x = torch.addcmul(x, t, self.alpha1)
+        x = gated_residual(x, self.alpha1, t)
         # Channel mixing; norm2's affine weight w is folded into the first weight:
         # (x·r·w) Wᵀ = (x·r)(W·w)ᵀ.
         lin1, _, lin2 = self.channel_mix
         w1 = lin1.weight if self.norm2.weight is None else lin1.weight * self.norm2.weight
-        t = linear(x * rms_inv(x, self.norm2.eps), w1, lin1.bias)
+        t = linear(rms_norm(x, self.norm2, affine=False), w1, lin1.bias)
         t = F.silu(t, inplace=True) if _no_graph() else F.silu(t)
-        return torch.addcmul(x, linear(t, lin2.weight, lin2.bias), self.alpha2)
+        return gated_residual(x, self.alpha2, linear(t, lin2.weight, lin2.bias))
 
 
 class Mixer(nn.Module):

@@ -15,8 +15,8 @@ Encoders (config ``encoder``):
   applied *without* its affine (as RAE). Weights come only from local files:
   ``dinov2_weights``, the Hugging Face cache (``timm/<model>.lvd142m``) or
   ``$TORCH_HOME/hub/checkpoints/<url file>``; missing → :class:`WeightsError`.
-* ``"trained"``: a small ViT that spheregen trains itself on ``ctx.train_data()`` and
-  then freezes. ``objective = "mae"`` (default): masked-autoencoder pre-training, the
+* ``"trained"``: a small ViT that spheregen trains itself on the experiment's training
+  split and then freezes. ``objective = "mae"`` (default): masked-autoencoder pre-training, the
   pixels of the hidden patches regressed through a decoder of the RAE decoder's size,
   which then warm-starts the RAE decoder; ``mask_ratio`` (default 0: every patch is
   both seen and reconstructed, the autoencoding limit of MAE; 0.75 is MAE's
@@ -42,49 +42,52 @@ raises :class:`WeightsError` (LPIPS on random VGG features is not LPIPS).
 The decoder's output patch is ``image_size / h``: the token grid fixes it (the trained
 encoder's ``patch``, or ``dinov2_image_size / 14`` tokens per side for DINOv2).
 
-Training happens in the factory when ``ctx.cache_dir/rae-<config hash>-<data key>/rae.pt``
-does not exist, and is saved atomically there, so an unchanged tokenizer config on the
-same data is loaded, never retrained. ``decode`` clamps to [-1, 1].
+Fitting is a stage (the FittableComponent capability, :meth:`RAETokenizer.fit_spec`):
+the core's accelerate trainer runs the phases (``encoder-mae`` or
+``encoder-supervised`` for a trained encoder, then a ``statistics`` pass for the latent
+mean and variance, then ``decoder``) with checkpoints, ``--resume`` and a log per phase,
+under ``<cache>/fit/rae/<data>-<key>/`` keyed by this config, the data's shape and key,
+and the mixed precision (``spheregen fit EXPERIMENT.toml``; ``run`` and ``train`` fit
+first); the factory only loads ``weights.safetensors`` from there. Both phases draw
+epoch-permuted batches (batch_size global, drop-last) through the streaming data path;
+the decoder re-encodes each batch with the frozen encoder. ``decode`` clamps to [-1, 1].
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Iterable, Literal
 
 import attrs
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from spheregen.api import (
     BuildContext,
+    DataSpec,
+    FitPhase,
+    FitRecipe,
+    FitSpec,
+    FitStatistics,
     Perceptual,
     WeightsError,
     at_least_one,
-    atomic_write,
     check_vgg16_weights,
-    config_hash,
     hub_checkpoints_dir,
+    load_fitted,
     non_negative,
     positive,
     proper_fraction,
     sincos_pos_embed_2d,
-    to_dict,
 )
 
 NORM_EPS = 1e-5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 1
-# Decoder training reuses the frozen encoder's latents when they fit in this much memory.
-KEEP_LATENT_BYTES = 2 << 30
 
 
 @attrs.frozen(kw_only=True)
@@ -260,15 +263,19 @@ class RAETokenizer(nn.Module):
     """Frozen encoder + trained decoder with per-element latent normalisation.
 
     ``encode``: B×C×H×W in [-1, 1] -> B×D×h×w (normalised); ``decode``: the inverse map,
-    B×D×h×w -> B×C×H×W clamped to [-1, 1]. ``info`` holds what training measured.
+    B×D×h×w -> B×C×H×W clamped to [-1, 1]. ``info`` holds what the fit measured.
+    :meth:`fit_spec` declares what spheregen fits (the FittableComponent capability):
+    the trained encoder's pre-training, the latent statistics, the decoder.
     """
 
     trainable = False
 
-    def __init__(self, encoder: nn.Module, decoder: TokenDecoder, latent_dim: int, grid: int):
+    def __init__(self, encoder: nn.Module, decoder: TokenDecoder, latent_dim: int, grid: int, cfg: RAEConfig,
+                 spec: DataSpec):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.cfg, self.spec = cfg, spec
         self.latent_shape = (latent_dim, grid, grid)
         self.register_buffer("mean", torch.zeros(self.latent_shape))
         self.register_buffer("var", torch.ones(self.latent_shape))
@@ -305,6 +312,46 @@ class RAETokenizer(nn.Module):
     def extra_repr(self) -> str:
         return f"latent_shape={self.latent_shape}"
 
+    # -- fitting (spheregen.api.FittableComponent)
+
+    def fit_spec(self) -> FitSpec:
+        return _fit_spec(self)
+
+    def fitted_state(self) -> dict[str, Tensor]:
+        # DINOv2 comes from its own weights file; only what spheregen trained is kept.
+        skip = "encoder." if self.cfg.encoder == "dinov2" else None
+        return {k: v for k, v in self.state_dict().items() if skip is None or not k.startswith(skip)}
+
+    def load_fitted(self, state: dict[str, Tensor], info: dict[str, Any]) -> None:
+        self.load_state_dict(state, strict=self.cfg.encoder != "dinov2")
+        self.info = dict(info)
+
+    @torch.no_grad()
+    def latent_sums(self, images: Tensor, _labels: Tensor) -> dict[str, Tensor]:
+        """Count, sum and sum of squares (float64) of the raw latents of a batch."""
+        self.to(images.device)
+        z = self.raw_latents(images).double()
+        return {"n": torch.tensor(float(len(z)), dtype=torch.float64, device=z.device), "sum": z.sum(0),
+                "sq": z.pow(2).sum(0)}
+
+    def set_statistics(self, totals: dict[str, Tensor]) -> None:
+        """Per-element mean and (population) variance of the raw latents."""
+        n = totals["n"]
+        mean = totals["sum"] / n
+        var = (totals["sq"] / n - mean.pow(2)).clamp_min(0.0)
+        self.mean.copy_(mean.float())
+        self.var.copy_(var.float())
+
+    @torch.no_grad()
+    def fit_report(self, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """PSNR (dB) of ``decode(encode(x))`` on held-out batches."""
+        total, count = 0.0, 0
+        for x, _ in batches:
+            self.to(x.device)
+            total += float(_psnr(self.decode(self.encode(x)), x).sum())
+            count += len(x)
+        return {"psnr": total / max(count, 1)}
+
 
 @torch.no_grad()
 def reconstruction_psnr(tok: RAETokenizer, images: Tensor, batch_size: int = 256) -> float:
@@ -312,11 +359,15 @@ def reconstruction_psnr(tok: RAETokenizer, images: Tensor, batch_size: int = 256
     total, count = 0.0, 0
     for start in range(0, len(images), batch_size):
         x = _as_float(images[start:start + batch_size]).to(device)
-        rec = tok.decode(tok.encode(x))
-        mse = ((rec - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        total += float((10 * torch.log10(1.0 / mse)).sum())
+        total += float(_psnr(tok.decode(tok.encode(x)), x).sum())
         count += len(x)
     return total / max(count, 1)
+
+
+def _psnr(rec: Tensor, x: Tensor) -> Tensor:
+    """Per-image PSNR (dB) on [0, 1] pixels of images in [-1, 1]."""
+    mse = ((rec - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -398,162 +449,134 @@ LPIPS_NEEDED_FOR = "rae: lpips_weight > 0 (the LPIPS-VGG term of decoder trainin
 LPIPS_ALTERNATIVE = "set lpips_weight = 0 (L1 only)"
 
 
-# ------------------------------------------------------------------ training
+# ------------------------------------------------------------------ fitting
+# What spheregen trains is declared as a fit (spheregen.api.FitSpec) and trained by the
+# core's accelerate loop (`spheregen fit`; `run` and `train` fit first); the factory only
+# loads the result.
+
+FIT_VERSION = 2  # 1: trained inside the factory (rae.pt); 2: fitted by the trainer
 
 
-def _lr_at(step: int, total: int, warmup: int, min_ratio: float = 0.01) -> float:
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def _recipe(cfg: RAEConfig, steps: int) -> FitRecipe:
+    """AdamW (0.9, 0.95), no weight decay, warmup then cosine to 1% of ``lr``, gradient
+    clipping at 1, for both phases."""
+    return FitRecipe(batch_size=cfg.batch_size, lr=cfg.lr, steps=steps, warmup_fraction=cfg.warmup_fraction,
+                     min_lr_ratio=0.01, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, seed=cfg.seed)
 
 
-def _optimise(params: list[nn.Parameter], loss_fn: Callable[[int], Tensor], steps: int, cfg: RAEConfig,
-              desc: str) -> float:
-    """AdamW (0.9, 0.95), warmup + cosine, grad clip 1; returns the mean loss of the
-    last 10 % of steps."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = int(cfg.warmup_fraction * steps)
-    tail: list[float] = []
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_at(step, steps, warmup)
-        loss = loss_fn(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return sum(tail) / len(tail)
+class MAEObjective(nn.Module):
+    """Masked-autoencoder pre-training of the encoder: the pixels of the hidden patches
+    (every patch at ``mask_ratio = 0``) regressed through a pixel decoder of the RAE
+    decoder's size, which then warm-starts the RAE decoder."""
+
+    def __init__(self, encoder: ViTEncoder, decoder: TokenDecoder, mask_ratio: float, patch: int):
+        super().__init__()
+        self.encoder, self.decoder, self.patch = encoder, decoder, patch
+        self.n = encoder.grid ** 2
+        self.n_keep = max(1, round(self.n * (1 - mask_ratio)))
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        perm = torch.rand(images.shape[0], self.n, device=images.device).argsort(1)
+        keep, hidden = perm[:, :self.n_keep], perm[:, self.n_keep:]
+        pred = self.decoder(self.encoder(images, keep), keep)
+        target = patchify(images, self.patch)
+        # Plain pixel MSE on the hidden patches (MAE's per-patch-normalised target
+        # amplifies noise in the many blank patches of digit-like data).
+        idx = (hidden if self.n_keep < self.n else perm)[..., None].expand(-1, -1, target.shape[-1])
+        return F.mse_loss(torch.gather(pred, 1, idx), torch.gather(target, 1, idx).to(pred.dtype)), {}
 
 
-class _Batches:
-    """Random training batches (float in [-1, 1] on ``device``) from uint8 tensors."""
+class SupervisedObjective(nn.Module):
+    """The encoder trained as a classifier: mean-pooled tokens -> linear -> cross-entropy."""
 
-    def __init__(self, images: Tensor, labels: Tensor, batch: int, seed: int, device: torch.device):
-        self.images, self.labels, self.batch, self.device = images, labels, min(batch, len(images)), device
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, encoder: ViTEncoder, head: nn.Linear):
+        super().__init__()
+        self.encoder, self.head = encoder, head
 
-    def indices(self) -> Tensor:
-        return torch.randint(len(self.images), (self.batch,), generator=self.gen)
-
-    def __call__(self) -> tuple[Tensor, Tensor]:
-        idx = self.indices()
-        return _as_float(self.images[idx]).to(self.device), self.labels[idx].to(self.device)
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return F.cross_entropy(self.head(self.encoder(images).mean(1)), labels), {}
 
 
-def pretrain_encoder(encoder: ViTEncoder, cfg: RAEConfig, batches: _Batches, channels: int,
-                     num_classes: int) -> tuple[dict[str, float], TokenDecoder | None]:
-    """Train ``encoder`` with the MAE or supervised objective, then freeze it. Returns
-    final-loss logs and, for MAE, its pixel decoder (the RAE decoder's warm start)."""
-    device = batches.device
-    encoder.requires_grad_(True)
-    if cfg.objective == "supervised":
-        if num_classes < 2:
-            raise ValueError("rae: objective = \"supervised\" needs labelled data (num_classes >= 2); "
-                             "use objective = \"mae\"")
-        head = nn.Linear(cfg.latent_dim, num_classes).to(device)
+class DecoderObjective(nn.Module):
+    """Decoder training: L1 (+ LPIPS) between the decoded and the real image, on
+    noise-augmented normalised latents ``z + τ·u·ε`` of the frozen encoder."""
 
-        def loss_fn(_step: int) -> Tensor:
-            x, y = batches()
-            return F.cross_entropy(head(encoder(x).mean(1)), y)
+    def __init__(self, tok: "RAETokenizer", cfg: RAEConfig):
+        super().__init__()
+        self.tok, self.cfg = tok, cfg
+        # not a module: LPIPS stays out of the trained parameters and the checkpoints
+        self.perceptual = Perceptual(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE) if cfg.lpips_weight > 0 else None
 
-        params = list(encoder.parameters()) + list(head.parameters())
-    else:
-        grid, n = encoder.grid, encoder.grid ** 2
-        n_keep = max(1, round(n * (1 - cfg.mask_ratio)))
-        mae_dec = TokenDecoder(latent_dim=cfg.latent_dim, grid=grid, patch=cfg.patch, channels=channels,
-                               width=cfg.decoder_width, depth=cfg.decoder_depth, heads=cfg.decoder_heads).to(device)
+    def train(self, mode: bool = True) -> "DecoderObjective":
+        super().train(mode)
+        self.tok.encoder.eval()  # frozen: only the decoder trains
+        return self
 
-        def loss_fn(_step: int) -> Tensor:
-            x, _ = batches()
-            perm = torch.rand(x.shape[0], n, device=device).argsort(1)
-            keep, hidden = perm[:, :n_keep], perm[:, n_keep:]
-            pred = mae_dec(encoder(x, keep), keep)
-            target = patchify(x, cfg.patch)
-            # Plain pixel MSE on the hidden patches (MAE's per-patch-normalised target
-            # amplifies noise in the many blank patches of digit-like data).
-            idx = (hidden if n_keep < n else perm)[..., None].expand(-1, -1, target.shape[-1])
-            return F.mse_loss(torch.gather(pred, 1, idx), torch.gather(target, 1, idx))
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.tok.decoder.parameters())}]
 
-        params = list(encoder.parameters()) + list(mae_dec.parameters())
-    encoder.train()
-    final = _optimise(params, loss_fn, cfg.encoder_steps, cfg, f"rae: encoder ({cfg.objective})")
-    encoder.eval().requires_grad_(False)
-    return {f"encoder_{cfg.objective}_loss": final}, (mae_dec if cfg.objective == "mae" else None)
-
-
-@torch.no_grad()
-def latent_statistics(tok: RAETokenizer, images: Tensor, batch: int = 256,
-                      keep_bytes: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-element mean and (population) variance of the raw latents over ``images``;
-    also the raw latents themselves (CPU) when they fit in ``keep_bytes``."""
-    device = tok.mean.device
-    total = torch.zeros(tok.latent_shape, dtype=torch.float64, device=device)
-    total_sq = torch.zeros_like(total)
-    n = len(images)
-    keep = n * math.prod(tok.latent_shape) * 4 <= keep_bytes
-    kept = []
-    for start in range(0, n, batch):
-        z = tok.raw_latents(_as_float(images[start:start + batch]).to(device))
-        if keep:
-            kept.append(z.cpu())
-        z = z.double()
-        total += z.sum(0)
-        total_sq += z.pow(2).sum(0)
-    mean = total / n
-    var = (total_sq / n - mean.pow(2)).clamp_min(0.0)
-    return mean.float(), var.float(), (torch.cat(kept) if keep else None)
-
-
-def train_decoder(tok: RAETokenizer, cfg: RAEConfig, batches: _Batches, raw: Tensor | None = None) -> dict[str, float]:
-    """Train the decoder on noise-augmented normalised latents. ``raw`` (N×D×h×w, the
-    frozen encoder's output for ``batches.images``) skips re-encoding every batch."""
-    perceptual = None
-    if cfg.lpips_weight > 0:
-        perceptual = Perceptual(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE)
-    scale = torch.rsqrt(tok.var + NORM_EPS)
-
-    def loss_fn(_step: int) -> Tensor:
-        if raw is None:
-            x, _ = batches()
-            z = tok.encode(x)
-        else:
-            idx = batches.indices()
-            x = _as_float(batches.images[idx]).to(batches.device)
-            z = (raw[idx].to(batches.device) - tok.mean) * scale
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        z = self.tok.encode(images)
         if cfg.noise_tau > 0:
             u = torch.rand(z.shape[0], 1, 1, 1, device=z.device)
             z = z + cfg.noise_tau * u * torch.randn_like(z)
-        rec = tok.decode_unclamped(z)
-        loss = cfg.l1_weight * F.l1_loss(rec, x)
-        if perceptual is not None:
-            loss = loss + cfg.lpips_weight * perceptual(rec, x)
-        return loss
+        rec = self.tok.decode_unclamped(z)
+        l1 = F.l1_loss(rec, images.to(rec.dtype))
+        loss = cfg.l1_weight * l1
+        logs = {"l1": float(l1.detach())}
+        if self.perceptual is not None:
+            lp = self.perceptual(rec, images)
+            loss = loss + cfg.lpips_weight * lp
+            logs["lpips"] = float(lp.detach())
+        return loss, logs
 
-    tok.decoder.train()
-    final = _optimise(list(tok.decoder.parameters()), loss_fn, cfg.decoder_steps, cfg, "rae: decoder")
-    tok.decoder.eval()
-    return {"decoder_loss": final}
+
+def _fit_spec(tok: "RAETokenizer") -> FitSpec:
+    cfg, spec = tok.cfg, tok.spec
+    supervised = cfg.encoder == "trained" and cfg.objective == "supervised"
+    identity = {"rae": cfg, "image_size": spec.image_size, "channels": spec.channels,
+                "num_classes": spec.num_classes if supervised else None, "version": FIT_VERSION}
+
+    def phases() -> list[FitPhase | FitStatistics]:
+        out: list[FitPhase | FitStatistics] = []
+        if cfg.encoder == "trained":
+            out.append(_encoder_phase(tok, cfg, spec.channels, spec.num_classes))
+        out.append(FitStatistics(name="statistics", sums=tok.latent_sums, finish=tok.set_statistics))
+        # the mask token serves MAE only: frozen here, as distributed training needs
+        # every trained parameter to receive a gradient
+        out.append(FitPhase(name="decoder", module=DecoderObjective(tok, cfg), recipe=_recipe(cfg, cfg.decoder_steps),
+                            start=lambda: tok.decoder.mask_token.requires_grad_(False)))
+        return out
+
+    return FitSpec(name="rae", identity=identity, phases=phases, state=tok.fitted_state, load=tok.load_fitted,
+                   report=tok.fit_report)
+
+
+def _encoder_phase(tok: "RAETokenizer", cfg: RAEConfig, channels: int, num_classes: int) -> FitPhase:
+    """MAE or supervised pre-training of the trained encoder, frozen when it ends (the
+    MAE's pixel decoder then warm-starts the RAE decoder)."""
+    encoder = tok.encoder
+    with torch.random.fork_rng(devices=[]):  # the objective's own parts, seeded by the config
+        torch.manual_seed(cfg.seed + 1)
+        if cfg.objective == "supervised":
+            module: nn.Module = SupervisedObjective(encoder, nn.Linear(cfg.latent_dim, num_classes))
+        else:
+            mae_dec = TokenDecoder(latent_dim=cfg.latent_dim, grid=encoder.grid, patch=cfg.patch, channels=channels,
+                                   width=cfg.decoder_width, depth=cfg.decoder_depth, heads=cfg.decoder_heads)
+            module = MAEObjective(encoder, mae_dec, cfg.mask_ratio, cfg.patch)
+    module.to(tok.mean.device)
+
+    def finish() -> None:
+        encoder.eval().requires_grad_(False)
+        if isinstance(module, MAEObjective):
+            tok.decoder.load_state_dict(module.decoder.state_dict())
+
+    return FitPhase(name=f"encoder-{cfg.objective}", module=module, recipe=_recipe(cfg, cfg.encoder_steps),
+                    start=lambda: encoder.requires_grad_(True), finish=finish)
 
 
 # ------------------------------------------------------------------ factory
-
-
-def data_fingerprint(images: Tensor, labels: Tensor) -> str:
-    """A short hash identifying a training set (its shape and up to 512 evenly spaced
-    images and all labels), used when the context carries no dataset key."""
-    h = hashlib.sha256(str((tuple(images.shape), str(images.dtype))).encode())
-    step = max(1, len(images) // 512)
-    h.update(images[::step].contiguous().numpy().tobytes())
-    h.update(labels.contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 def _new_tokenizer(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
@@ -571,91 +594,29 @@ def _new_tokenizer(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
                          "change dinov2_image_size (DINOv2) or patch (trained)")
     decoder = TokenDecoder(latent_dim=latent_dim, grid=grid, patch=spec.image_size // grid, channels=spec.channels,
                            width=cfg.decoder_width, depth=cfg.decoder_depth, heads=cfg.decoder_heads)
-    return RAETokenizer(encoder, decoder, latent_dim, grid)
-
-
-def _cache_file(cfg: RAEConfig, ctx: BuildContext, data_key: str) -> Path | None:
-    if ctx.cache_dir is None:
-        return None
-    spec = ctx.data
-    key = config_hash({"rae": to_dict(cfg), "size": spec.image_size, "channels": spec.channels,
-                       "version": CACHE_VERSION})
-    return Path(ctx.cache_dir) / f"rae-{key}-{data_key}" / "rae.pt"
-
-
-def _state_to_save(tok: RAETokenizer, cfg: RAEConfig) -> dict[str, Tensor]:
-    # DINOv2 comes from its own weights file; only what spheregen trained is cached.
-    skip = "encoder." if cfg.encoder == "dinov2" else None
-    return {k: v for k, v in tok.state_dict().items() if skip is None or not k.startswith(skip)}
-
-
-def fit_rae(tok: RAETokenizer, cfg: RAEConfig, images: Tensor, labels: Tensor, num_classes: int,
-            device: torch.device) -> dict[str, Any]:
-    """Train the encoder (``trained``), fit the latent statistics, train the decoder."""
-    tok.to(device)
-    batches = _Batches(images, labels, cfg.batch_size, cfg.seed, device)
-    info: dict[str, Any] = {}
-    start = time.perf_counter()
-    if cfg.encoder == "trained":
-        logs, warm = pretrain_encoder(tok.encoder, cfg, batches, images.shape[1], num_classes)
-        info.update(logs)
-        if warm is not None:
-            tok.decoder.load_state_dict(warm.state_dict())
-    info["encoder_seconds"] = time.perf_counter() - start
-    mean, var, raw = latent_statistics(tok, images, keep_bytes=KEEP_LATENT_BYTES)
-    tok.mean.copy_(mean)
-    tok.var.copy_(var)
-    info.update(train_decoder(tok, cfg, batches, raw))
-    info["train_seconds"] = time.perf_counter() - start
-    probe = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(1))[:512]]
-    info["train_psnr"] = reconstruction_psnr(tok, probe)
-    return info
+    return RAETokenizer(encoder, decoder, latent_dim, grid, cfg, spec)
 
 
 def build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
-    """RAE: frozen representation encoder (DINOv2 or self-trained ViT) + trained ViT decoder."""
+    """RAE: frozen representation encoder (DINOv2 or self-trained ViT) + trained ViT
+    decoder, loaded from its fit (:func:`spheregen.api.load_fitted`)."""
     if ctx.device.type == "meta":
         # the architecture only, for counting FLOPs and parameters: no weights are
-        # looked up, nothing is trained or cached
+        # looked up, nothing is fitted or loaded
         with torch.device("meta"):
             return _new_tokenizer(cfg, ctx).eval()
     if cfg.lpips_weight > 0:
-        check_vgg16_weights(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE)  # before any training
-    # Initialisation and training draw from a private RNG seeded by the config: the same
-    # config gives the same tokenizer, and the caller's random state is left alone.
+        check_vgg16_weights(LPIPS_NEEDED_FOR, LPIPS_ALTERNATIVE)  # before any fitting
+    if cfg.encoder == "trained" and cfg.objective == "supervised" and ctx.data.num_classes < 2:
+        raise ValueError("rae: objective = \"supervised\" needs labelled data (num_classes >= 2); "
+                         "use objective = \"mae\"")
+    # The initialisation draws from a private RNG seeded by the config (the same config
+    # gives the same tokenizer) and leaves the caller's random state alone.
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
-        return _build_rae(cfg, ctx)
-
-
-def _build_rae(cfg: RAEConfig, ctx: BuildContext) -> RAETokenizer:
-    tok = _new_tokenizer(cfg, ctx)
-    # the training split is loaded only when it is needed: to fingerprint data that has
-    # no key, or to train; a cache hit under a known data key never touches it
-    data = None
-    data_key = getattr(ctx, "data_key", None)
-    if data_key is None and ctx.train_data is not None:
-        data = ctx.train_data()
-        data_key = data_fingerprint(*data)
-    path = _cache_file(cfg, ctx, data_key) if data_key is not None else None
-    if path is not None and path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        tok.load_state_dict(blob["state"], strict=cfg.encoder != "dinov2")
-        tok.info = {**blob["info"], "cache": str(path), "loaded": True}
-        return tok.to(ctx.device).eval()
-    if data is None and ctx.train_data is not None:
-        data = ctx.train_data()
-    if data is None:
-        raise ValueError(
-            "rae: no cached weights for this config and no training data to train on (ctx.train_data is None); "
-            "build it inside an experiment, or give the BuildContext a train_data callable"
-        )
-    images, labels = data
-    tok.info = fit_rae(tok, cfg, images, labels, ctx.data.num_classes, ctx.device)
-    tok.info["loaded"] = False
-    if path is not None:
-        blob = {"state": _state_to_save(tok, cfg), "info": tok.info, "config": to_dict(cfg)}
-        atomic_write(path, lambda p: torch.save(blob, p))
-        tok.info["cache"] = str(path)
-    return tok.eval()
+        tok = _new_tokenizer(cfg, ctx)
+    fitted = load_fitted(tok, ctx)
+    tok.info = {**fitted.info, "cache": str(fitted.weights) if fitted.weights is not None else None,
+                "loaded": not fitted.fitted_now}
+    return tok.to(ctx.device).eval()

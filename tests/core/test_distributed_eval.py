@@ -1,8 +1,10 @@
 """Evaluation sharded over two CPU processes (gloo, accelerate's debug_launcher) gives
-the single process's samples and metrics exactly."""
+the single process's samples and metrics exactly: each process writes the shard of its
+sample batches and extracts the features of its block, and the features are gathered."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
+
+from spheregen.samples import load_samples, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = '''metrics = [
@@ -63,12 +68,21 @@ def test_two_process_evaluation_equals_one(toy_registries, tiny_experiment, tmp_
     path = tiny_experiment(METRICS)
     runs = tmp_path / "runs"
     train(Workspace(load_experiment(path), runs, tmp_path / "unused"), load_experiment(path).methods[0], progress=False)
+    index = runs / "tiny" / "samples" / "toy" / "steps-2.npz"
     _launch(1, path, runs, tmp_path / "one")
-    with np.load(runs / "tiny" / "samples" / "toy" / "steps-2.npz") as z:
-        one_samples = z["images"].copy()
+    one_samples, one_labels = load_samples(index)
+    with np.load(index) as z:  # one process: one self-contained file, no shards
+        assert set(z.files) == {"images", "labels", "meta"} and np.array_equal(z["images"], one_samples.numpy())
     _launch(2, path, runs, tmp_path / "two")
-    with np.load(runs / "tiny" / "samples" / "toy" / "steps-2.npz") as z:
-        assert np.array_equal(z["images"], one_samples)  # 40 samples in 2 batches of 20, one per process
+    # 40 samples in 2 batches of 20: each process wrote the shard of its batch, the main one the index
+    with np.load(index) as z:
+        assert set(z.files) == {"labels", "meta", "shards"}
+        assert json.loads(str(z["shards"])) == [["steps-2.shards/part-00000-of-00002.npz", 20],
+                                                ["steps-2.shards/part-00001-of-00002.npz", 20]]
+    two_samples, two_labels = load_samples(index)
+    assert torch.equal(two_samples, one_samples) and torch.equal(two_labels, one_labels)
+    with np.load(index.parent / "steps-2.shards" / "part-00001-of-00002.npz") as z:  # a shard: images, identity
+        assert np.array_equal(z["images"], one_samples[20:].numpy()) and json.loads(str(z["meta"])) == read_meta(index)
     one = pl.read_parquet(tmp_path / "one" / "tiny" / "results.parquet").sort("steps")
     two = pl.read_parquet(tmp_path / "two" / "tiny" / "results.parquet").sort("steps")
     assert len(one) == len(two) == 2

@@ -259,3 +259,14 @@ def test_training_curves_come_from_the_logs(toy_registries, tiny_experiment, tmp
     assert main(["run", str(exp), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "tiny" / "results.md").read_text()
     assert "## Training" in md and (tmp_path / "rep" / "tiny" / "training_loss.png").is_file()
+
+
+def test_the_report_module_needs_neither_the_runner_nor_accelerate():
+    import subprocess
+    import sys
+
+    code = ("import sys, spheregen.report, spheregen.cli; "
+            "print([m for m in ('accelerate', 'spheregen.runner', 'spheregen.evaluation') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -169,6 +169,32 @@ def test_reference_statistics_are_computed_once_per_reference(fid, digits, monke
     assert fresh.compute(noisy(digits[2][:80], 10), other)["fid"] != got[0] and sizes[3:] == [300, 80]
 
 
+def test_fid_statistics_of_a_reference_set_are_streamed_above_the_cap_and_cached(fid, digits, monkeypatch):
+    """Above the subset cap, FID's reference is the mean and covariance of the whole set,
+    accumulated batch by batch (float64) and cached on disk; below it, the statistics of
+    the features ``compute`` uses, so the score is the same as before."""
+    import numpy as np
+
+    from spheregen.reference import ReferenceSet
+    from spheregen_plugins.metrics import fidelity
+
+    reference, labels = digits[0][:600], digits[1][:600]
+    samples = fid.extract(noisy(digits[2][:80], 30))
+    whole = fid.score(samples, fid.reference_features(reference))["fid"]
+    below = ReferenceSet("digits-600", reference, labels, cap=600)
+    assert fid.score(samples, fid.reference_statistics(below))["fid"] == whole
+    above = ReferenceSet("digits-600", reference, labels, cap=100)
+    stats = fid.reference_statistics(above)  # 3 batches of 256
+    exact = fidelity.fid_featuresdict_to_statistics(fid.reference_features(reference), fid.layer)
+    np.testing.assert_allclose(stats["mu"], exact["mu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["sigma"], exact["sigma"], rtol=1e-5, atol=1e-8)
+    assert fid.score(samples, stats)["fid"] == pytest.approx(whole, rel=1e-6)
+    fresh = FID(fid.cfg, fid.ctx)
+    monkeypatch.setattr(fresh, "extract", lambda images: pytest.fail("the reference was extracted again"))
+    again = fresh.reference_statistics(above)
+    assert np.array_equal(again["mu"], stats["mu"]) and np.array_equal(again["sigma"], stats["sigma"])
+
+
 def test_reference_changed_in_place_is_rehashed(ctx, digits):
     fid = FID(FidConfig(**DC), ctx)
     reference = digits[0][:200].clone()

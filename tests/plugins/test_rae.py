@@ -1,4 +1,5 @@
-"""The ``rae`` tokenizer: training, caching, normalisation, offline weights errors."""
+"""The ``rae`` tokenizer: fitting (through the core's fit stage), loading, normalisation,
+offline weights errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from spheregen.errors import WeightsError
-from spheregen.interfaces import BuildContext, DataSpec
+from spheregen.fit import on_demand
+from spheregen.interfaces import BuildContext, DataSpec, FittableComponent, has
 from spheregen_plugins.tokenizers import rae
 from spheregen_plugins.tokenizers.rae import RAEConfig, build_rae
 
@@ -31,8 +33,11 @@ def context(cache_dir, data=tiny_data, spec=SPEC):
 def test_trains_caches_and_round_trips(tmp_path, monkeypatch):
     cfg = RAEConfig.tiny()
     tok = build_rae(cfg, context(tmp_path))
+    assert has(tok, FittableComponent) and [p.name for p in tok.fit_spec().phases()] == \
+        ["encoder-mae", "statistics", "decoder"]
     assert tok.trainable is False and tok.latent_shape == (8, 4, 4)
     assert tok.info["loaded"] is False and (tmp_path / tok.info["cache"]).is_file()
+    assert set(tok.info["phases"]) == {"encoder-mae", "statistics", "decoder"} and tok.info["psnr"] > 0
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     z = tok.encode(x)
     assert z.shape == (3, 8, 4, 4) and not z.requires_grad
@@ -43,7 +48,7 @@ def test_trains_caches_and_round_trips(tmp_path, monkeypatch):
     def no_training(*_a, **_k):
         raise AssertionError("an unchanged config on the same data must not be retrained")
 
-    monkeypatch.setattr(rae, "fit_rae", no_training)
+    monkeypatch.setattr(rae, "DecoderObjective", no_training)
     again = build_rae(cfg, context(tmp_path))
     assert again.info["loaded"] is True
     assert torch.equal(again.encode(x), z) and torch.equal(again.decode(z), y)
@@ -85,8 +90,20 @@ def test_supervised_objective_trains_and_needs_labels():
 
 def test_without_data_or_cache_it_says_so():
     ctx = BuildContext(data=SPEC, build=None)
-    with pytest.raises(ValueError, match="train_data"):
+    with pytest.raises(WeightsError, match="train_data"):
         build_rae(RAEConfig.tiny(), ctx)
+
+
+def test_the_factory_only_loads_where_fitting_on_demand_is_off(tmp_path):
+    """As under the CLI's sample / evaluate: missing fitted weights are an error naming
+    `spheregen fit`; once fitted, the same build loads them."""
+    with on_demand(False):
+        with pytest.raises(WeightsError, match="spheregen fit EXPERIMENT.toml"):
+            build_rae(RAEConfig.tiny(), context(tmp_path))
+    fitted = build_rae(RAEConfig.tiny(), context(tmp_path))
+    with on_demand(False):
+        loaded = build_rae(RAEConfig.tiny(), context(tmp_path))
+    assert loaded.info["loaded"] is True and loaded.info["cache"] == fitted.info["cache"]
 
 
 def test_dinov2_missing_weights_is_a_weights_error(tmp_path, monkeypatch):
@@ -117,9 +134,11 @@ def test_dinov2_loads_a_local_weights_file(tmp_path):
     assert torch.equal(got, reference.blocks[0].attn.qkv.weight)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert tok.decode(tok.encode(x)).shape == x.shape
-    # the cached file holds only what spheregen trained, not the DINOv2 weights
-    blob = torch.load(tok.info["cache"], weights_only=True)
-    assert not any(k.startswith("encoder.") for k in blob["state"])
+    # the fitted weights hold only what spheregen trained, not the DINOv2 weights
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("encoder.") for k in load_file(tok.info["cache"]))
+    assert [p.name for p in tok.fit_spec().phases()] == ["statistics", "decoder"]
     assert build_rae(cfg, context(tmp_path, data=lambda: tiny_data(n=8))).info["loaded"] is True
 
 
@@ -133,14 +152,11 @@ def test_lpips_without_vgg_weights_is_a_weights_error(tmp_path, monkeypatch):
 def test_encoder_pretraining_trains_then_freezes_the_encoder(objective):
     cfg = attrs.evolve(RAEConfig.tiny(), objective=objective)
     torch.manual_seed(0)
-    tok = rae._new_tokenizer(cfg, context(None))
-    before = [p.detach().clone() for p in tok.encoder.parameters()]
-    images, labels = tiny_data()
-    batches = rae._Batches(images, labels, 8, 0, torch.device("cpu"))
-    rae.pretrain_encoder(tok.encoder, cfg, batches, SPEC.channels, SPEC.num_classes)
-    after = list(tok.encoder.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    assert not any(p.requires_grad for p in after)
+    untrained = rae._new_tokenizer(cfg, context(None))
+    tok = build_rae(cfg, context(None))
+    assert any(not torch.equal(a, b) for a, b in zip(untrained.encoder.parameters(), tok.encoder.parameters()))
+    assert not any(p.requires_grad for p in tok.encoder.parameters())
+    assert f"encoder-{objective}" in tok.info["phases"]
 
 
 def test_same_config_same_tokenizer_and_caller_rng_untouched():
