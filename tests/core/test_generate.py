@@ -3,6 +3,8 @@ evaluation does."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,3 +102,18 @@ def test_run_reports_where_its_time_went(run, tmp_path, capsys):
     timing = json.loads((tmp_path / "rep" / "tiny" / "timing.json").read_text())
     assert {"fit", "train toy", "sample toy", "evaluate", "report"} <= set(timing["stages_s"])
     assert timing["total_s"] >= sum(v for k, v in timing["stages_s"].items() if not k.startswith(" "))
+
+
+def test_the_notebook_example_runs_on_a_trained_run(run, tmp_path, monkeypatch):
+    import importlib.util
+
+    import spheregen
+
+    assert spheregen.load is load
+    spec = importlib.util.spec_from_file_location("notebook", Path(__file__).parents[2] / "examples" / "notebook.py")
+    notebook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(notebook)
+    monkeypatch.chdir(tmp_path)
+    notebook.main(str(run / "tiny"), "toy")
+    assert sorted(p.name for p in tmp_path.glob("toy_steps*.png")) == ["toy_steps1.png", "toy_steps2.png",
+                                                                      "toy_steps4.png"]
