@@ -52,7 +52,8 @@ def plan(method: Any, cfg: Any, n: int, flip: bool) -> tuple[str, str]:
         return "off", "the method has no frozen tokenizer with latent_loss (spheregen.interfaces.LatentMethod)"
     tokenizer = method.tokenizer
     if has(tokenizer, LosslessTokenizer):
-        return "off", "the tokenizer is lossless (LosslessTokenizer): its latents are computed as each batch is drawn"
+        return "off", ("the tokenizer is lossless (LosslessTokenizer): its latents are computed as each batch "
+                       "is drawn")
     size = math.prod(tokenizer.latent_shape) * 4 * n * (2 if flip else 1) / 2**30
     if cfg.cache_latents == "disk" or (cfg.cache_latents == "auto" and size > cfg.cache_latents_max_gb):
         return "disk", f"{size:.2f} GB on disk (> train.cache_latents_max_gb = {cfg.cache_latents_max_gb})" \

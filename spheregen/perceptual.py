@@ -14,8 +14,9 @@ VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 
 
 def check_vgg16_weights(needed_for: str, alternative: str) -> None:
-    """WeightsError unless torchvision's VGG16 ImageNet weights are in the hub cache:
-    ``lpips`` would otherwise download them (or run on random features)."""
+    """Make sure torchvision's VGG16 ImageNet weights are in the hub cache (fetched there
+    when online), or raise the WeightsError: ``lpips`` would otherwise download them itself,
+    bypassing the offline switch (or run on random features)."""
     require_hub_file(VGG16_FILE, VGG16_URL, needed_for, alternative)
 
 
@@ -32,7 +33,8 @@ class Perceptual:
         import lpips
 
         with warnings.catch_warnings():
-            # lpips calls torchvision's deprecated vgg16(pretrained=True): the same file
+            # lpips calls torchvision's deprecated vgg16(pretrained=True), which loads the file
+            # resolved above from the hub cache: nothing is downloaded here
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             self.net: nn.Module = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=False, verbose=False)
         self.net.eval().requires_grad_(False)

@@ -1,10 +1,10 @@
-"""Locating torch-fidelity's InceptionV3 weights without ever downloading them.
+"""Locating torch-fidelity's InceptionV3 weights before torch-fidelity is called.
 
 torch-fidelity downloads its weights with ``torch.hub.load_state_dict_from_url`` when
-``feature_extractor_weights_path`` is None. spheregen looks the file up itself in the
-torch hub cache (``torch.hub.get_dir()/checkpoints``: ``$TORCH_HOME/hub/checkpoints``,
-default ``~/.cache/torch/hub/checkpoints``) and always passes the path, so a missing
-file is a :class:`WeightsError` raised when the metric is built, never a download.
+``feature_extractor_weights_path`` is None. spheregen resolves the file itself
+(:func:`spheregen.api.require_hub_file`: the torch hub cache, downloaded there by torch hub
+when online) and always passes the path, so torch-fidelity never downloads; offline, a
+missing file is a :class:`WeightsError` raised when the metric is built.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ WEIGHT_FILES = (os.path.basename(URL_INCEPTION_V3), "pt_inception-2015-12-05-672
 
 
 def find_inception_weights() -> Path:
-    """The local InceptionV3 weights file, or a WeightsError saying how to get it."""
+    """The InceptionV3 weights file (fetched into the hub cache when online), or a
+    WeightsError saying how to get it."""
     return require_hub_file(
         WEIGHT_FILES, URL_INCEPTION_V3, 'features = "inception"',
         'set features = "domain-classifier" in this metric\'s config: a classifier spheregen trains on the '

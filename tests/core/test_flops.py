@@ -190,3 +190,23 @@ def test_psnr():
     b = a.clone()
     b[:, :, 0, 0] = 16  # MSE = 16 per image
     assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / 16))
+
+
+def test_training_flops_are_forward_plus_backward():
+    """A flow-matching step (one denoiser pass, then its backward) costs 2-4× the
+    denoiser's forward, i.e. 1-step Euler sampling without guidance; gradients are
+    cleared afterwards (docs/scale.md uses the Sphere Encoder's ratio)."""
+    from spheregen.config import make_component
+    from spheregen.flops import count_sampling_flops, count_training_flops
+    from spheregen.interfaces import BuildContext, DataSpec
+    from spheregen.workspace import build_component
+
+    ctx = BuildContext.create(build_component, data=DataSpec(image_size=8, channels=1, num_classes=10))
+    method = build_component("method", make_component(
+        "method", "flow-matching", tokenizer={"name": "patch", "patch_size": 1},
+        denoiser={"name": "dit", "width": 32, "depth": 1, "heads": 2, "patch_size": 2}), ctx)
+    sampler = build_component("sampler", "euler", ctx)
+    train = count_training_flops(method, (1, 8, 8), 10).total
+    forward = count_sampling_flops(sampler, method, 1, 1.0).total
+    assert 2.0 <= train / forward <= 4.0
+    assert all(p.grad is None for p in method.parameters())
