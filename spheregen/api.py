@@ -24,6 +24,7 @@ from spheregen.hookspecs import hookimpl
 from spheregen.interfaces import (
     AverageVelocityMethod,
     BuildContext,
+    CheckpointableBlocks,
     Column,
     DataSource,
     DataSpec,
@@ -61,6 +62,7 @@ from spheregen.layers import sincos_pos_embed_2d
 from spheregen.logs import to_floats
 from spheregen.paths import atomic_write, atomic_write_json, atomic_write_text
 from spheregen.perceptual import Perceptual, check_vgg16_weights
+from spheregen.precision import autocast
 from spheregen.sampling import (
     Schedule,
     decay,
@@ -82,7 +84,7 @@ __all__ = [
     "NullMaskDenoiser", "TwoTimeDenoiser", "ExplicitAttentionDenoiser", "LosslessTokenizer",
     "LatentMethod", "ReconstructingMethod", "EditableMethod", "ShardableMetric", "LabelledMetric",
     "VelocityMethod", "AverageVelocityMethod", "SphereAutoencoderMethod", "SphereDenoiserMethod",
-    "lacks", "has", "require", "accepts_keyword", "check_steps",
+    "CheckpointableBlocks", "lacks", "has", "require", "accepts_keyword", "check_steps",
     # fitting (components spheregen trains before use)
     "FittableComponent", "FitSpec", "FitPhase", "FitStatistics", "FitRecipe", "FitResult", "load_fitted",
     # configs
@@ -100,5 +102,5 @@ __all__ = [
     # files, weights, images, logs
     "hub_checkpoints_dir", "find_hub_file", "require_hub_file",
     "atomic_write", "atomic_write_text", "atomic_write_json",
-    "to_float", "to_uint8", "to_floats",
+    "to_float", "to_uint8", "to_floats", "autocast",
 ]

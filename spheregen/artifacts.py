@@ -50,6 +50,17 @@ def write_final(folder: Path, model: dict[str, torch.Tensor], ema: dict[str, tor
     return folder / WEIGHTS
 
 
+def read_final_config(folder: Path) -> dict[str, Any]:
+    """config.json of a final folder alone (the weights are not read)."""
+    config = folder / CONFIG
+    if not config.is_file():
+        raise CheckpointError(f"{config} does not exist: train the method first (spheregen train EXPERIMENT.toml)")
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config} is corrupt ({type(exc).__name__}: {exc}); retrain with --fresh") from exc
+
+
 def read_final(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """(model state, EMA state or None, config.json) of a final folder, each file checked."""
     weights, config = folder / WEIGHTS, folder / CONFIG

@@ -151,8 +151,19 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from spheregen.runner import is_trained, train
 
+    extend_to = getattr(args, "extend_to", None)
+    if extend_to is not None and (args.resume or args.fresh):
+        raise SpheregenError("--extend-to continues a finished run (and an interrupted extension of it): "
+                             "leave out --resume and --fresh")
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
+        if extend_to is not None:
+            from spheregen.extension import extend
+
+            path = extend(ws, entry, extend_to)
+            say(f"{entry.name}: weights extended to {extend_to} steps at {path}; use them with "
+                f"--set methods.{entry.name}.train.steps={extend_to}")
+            continue
         if args.skip_trained and is_trained(ws, entry):
             say(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
@@ -188,12 +199,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if not entries:
             return
     say(f"results: {evaluate(ws, [e.name for e in entries], ws.device)}")
+    from spheregen.tracking import log_evaluation
+
+    log_evaluation(ws, [e.name for e in entries])  # to the trackers of [train] log_with, if any
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from spheregen.report import build_report
 
     ws = _workspace(args)
+    if getattr(args, "readme", None):
+        from pathlib import Path
+
+        from spheregen.report import update_readme
+
+        say(f"tables of {ws.exp.name}: {update_readme(ws, Path(args.readme))}")
+        return
     say(f"report: {build_report(ws)}")
 
 
@@ -225,18 +246,19 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from spheregen.evaluation import expected_samples
+    from spheregen.evaluation import current_sets, expected_identity
     from spheregen.samples import export_samples
 
     ws = _workspace(args)
     out = Path(args.out)
     for entry in _entries(ws, args.method):
         sampler = ws.sampler_name(entry, ws.build_architecture(entry)[0])
-        for steps in ws.exp.steps_for(entry):
-            src = ws.paths.samples(entry.name, steps)
-            dest = out / entry.name / f"steps-{steps}"
-            written = export_samples(src, dest, args.format, expected_samples(ws, entry, sampler, steps))
-            say(f"{entry.name} @ {steps}: {written}")
+        first = ws.exp.eval.scored_seeds[0]
+        for spec in current_sets(ws, entry, sampler):
+            name = f"steps-{spec.steps}" + ("" if spec.seed == first else f"_seed-{spec.seed}")
+            written = export_samples(spec.path, out / entry.name / name, args.format,
+                                     expected_identity(ws, entry, sampler, spec))
+            say(f"{entry.name} @ {spec.steps} (seed {spec.seed}): {written}")
 
 
 def cmd_reference_stats(args: argparse.Namespace) -> None:
@@ -401,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn, skip_trained=False, skip_current=False, jobs=1)
         if name == "run":
             _jobs_options(p)
+        else:
+            p.add_argument("--extend-to", type=int, metavar="N",
+                           help="continue the finished run (the config's train.steps = S < N) from its last "
+                                "checkpoint to N steps, on the N-step LR schedule from step S on (the first S steps "
+                                "followed the S-step one, so this is not a fresh N-step run); later stages use it "
+                                "with --set methods.NAME.train.steps=N. See README, 'Extending a finished run'")
     for name, fn, text in (
         ("sample", cmd_sample, "sample each method at each step count (runs/<experiment>/samples/)"),
         ("evaluate", cmd_evaluate, "score the samples, count FLOPs, time sampling -> results.parquet"),
@@ -409,6 +437,10 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p, methods=name != "report")
         p.set_defaults(fn=fn, skip_current=False)
+        if name == "report":
+            p.add_argument("--readme", metavar="FILE",
+                           help="instead, write the experiment's tables (from results.parquet alone) between its "
+                                "'<!-- spheregen report NAME: ... -->' markers in FILE (e.g. README.md)")
     p = sub.add_parser("export", help="sample files in another layout: adm (arr_0 N×H×W×C uint8 + arr_1 labels, "
                                       "ADM's evaluator), png (a folder per method and step count), npz (native)")
     _common(p)

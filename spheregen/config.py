@@ -145,8 +145,11 @@ def _convert(tp: Any, value: Any, path: str, source: str, kind: str | None) -> A
                 return _convert(a, value, path, source, kind)
             except ConfigError as exc:
                 errors.append(str(exc))
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
+        # a scalar given for "float | list", or a list: the error of the alternative of that shape
+        shaped = [e for a, e in zip(non_none, errors)
+                  if (typing.get_origin(a) in (tuple, list)) == isinstance(value, (list, tuple))]
+        if len(errors) == 1 or len(shaped) == 1:
+            raise ConfigError((shaped or errors)[0])
         options = " or ".join(str(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a)
                               for a in non_none)
         raise ConfigError(f"{_where(source, path)}: {value!r} is not allowed; expected {options}")

@@ -24,10 +24,11 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from spheregen import distributed, flops
+from spheregen import distributed, flops, precision
 from spheregen.config import Component, config_hash
+from spheregen.cost import training_cost
 from spheregen.data import balanced_labels, to_float, to_uint8
-from spheregen.errors import ConfigError, SpheregenError
+from spheregen.errors import ConfigError, SpheregenError, StaleError
 from spheregen.experiment import MethodEntry
 from spheregen.interfaces import LabelledMetric, LosslessTokenizer, ReconstructingMethod, ShardableMetric, has
 from spheregen.paths import DirLock, check_writable
@@ -35,7 +36,9 @@ from spheregen.plugins import registries
 from spheregen.reference import ReferenceSet, ReferenceStatisticsMetric, split_reference, write_stats
 from spheregen.results import eval_hash, write_results
 from spheregen.runner import load_trained, run_hash
-from spheregen.samples import generate, open_samples, read_external_samples, read_meta, sample_identity
+from spheregen.samples import generate, identity_differences, open_samples, read_external_samples, read_meta
+from spheregen.selection import (SetSpec, choose_guidance, current_choice, expected_identity, record_rows,
+                                 scored_sets)
 from spheregen.workspace import Workspace
 
 __all__ = ["evaluate", "read_external_samples", "reference_stats", "sample_entry", "score_samples"]
@@ -60,25 +63,27 @@ def default_sampler_name(ws: Workspace, entry: MethodEntry) -> str:
 
 
 def samples_current(ws: Workspace, entry: MethodEntry) -> bool:
-    """Every sample file of ``entry`` exists and carries the identity the config asks for
-    (``spheregen run`` then skips re-sampling it)."""
+    """Every sample file of ``entry`` exists and carries the identity the config asks for,
+    at the guidance scales its current record chose (``spheregen run`` then skips
+    re-sampling it)."""
     sampler = default_sampler_name(ws, entry)
-    for steps in ws.exp.steps_for(entry):
-        path = ws.paths.samples(entry.name, steps)
+    chosen = current_choice(ws, entry, sampler)
+    if chosen is None:
+        return False
+    for spec in scored_sets(ws, entry, chosen):
         try:
-            meta = read_meta(path)
+            meta = read_meta(spec.path)
         except SpheregenError:
             return False
-        want = expected_samples(ws, entry, sampler, steps)
-        if any(meta.get(k) != v for k, v in want.items()):
+        if identity_differences(meta, expected_identity(ws, entry, sampler, spec)):
             return False
     return True
 
 
 def results_current(ws: Workspace, entry: MethodEntry) -> bool:
-    """results.parquet holds rows of ``entry`` for exactly its step counts, scored under
-    the current config from the current weights and sample files (``spheregen run``
-    then skips re-scoring it)."""
+    """results.parquet holds rows of ``entry`` for exactly its step counts and seeds,
+    scored under the current config from the current weights and sample files
+    (``spheregen run`` then skips re-scoring it)."""
     import polars as pl
 
     path = ws.paths.report / "results.parquet"
@@ -89,33 +94,47 @@ def results_current(ws: Workspace, entry: MethodEntry) -> bool:
     if not {"eval_hash", "train_hash", "sample_hash"} <= set(rows.columns):
         return False
     sampler = default_sampler_name(ws, entry)
-    want = {steps: config_hash(expected_samples(ws, entry, sampler, steps)) for steps in ws.exp.steps_for(entry)}
-    have = {r["steps"]: r["sample_hash"] for r in rows.iter_rows(named=True)
+    chosen = current_choice(ws, entry, sampler)
+    if chosen is None:
+        return False
+    want = {config_hash(expected_identity(ws, entry, sampler, spec)) for spec in scored_sets(ws, entry, chosen)}
+    have = {r["sample_hash"] for r in rows.iter_rows(named=True)
             if r["eval_hash"] == eval_hash(ws, entry) and r["train_hash"] == run_hash(ws, entry)}
     return have == want and len(rows) == len(want)
 
 
-def expected_samples(ws: Workspace, entry: MethodEntry, sampler_name: str, steps: int) -> dict[str, Any]:
-    """The identity the sample file of ``entry`` at ``steps`` must carry now."""
-    sampler_config = config_hash(entry.sampler) if entry.sampler is not None else None
-    return sample_identity(run_hash(ws, entry), sampler_name, sampler_config, steps, entry.guidance, ws.exp.eval)
+def current_sets(ws: Workspace, entry: MethodEntry, sampler_name: str) -> list[SetSpec]:
+    """The scored sample sets of ``entry`` at the recorded guidance choice, or a
+    StaleError naming the command when the choice has not been made under this config."""
+    chosen = current_choice(ws, entry, sampler_name)
+    if chosen is None:
+        raise StaleError(f"{ws.paths.sample_dir(entry.name)}: the guidance scales {list(ws.exp.guidances_for(entry))} "
+                         f"of '{entry.name}' have not been chosen under the current config: run "
+                         f"`spheregen sample {ws.exp.source} --method {entry.name}` first")
+    return scored_sets(ws, entry, chosen)
 
 
 def sample_entry(ws: Workspace, entry: MethodEntry, device: torch.device, progress: bool = True) -> list[Path]:
-    """Write the sample set of every step count of one method (each process draws a
-    block of the batches and writes it; spheregen.samples.generate)."""
+    """Write the sample sets of one method: with a list of guidance scales, first the
+    sets the scale is chosen on (spheregen.selection), then every step count at its
+    scale with every seed (each process draws a block of the batches and writes it;
+    spheregen.samples.generate)."""
     ev = ws.exp.eval
     method = load_trained(ws, entry, ev.use_ema, device)
     sampler = ws.build_sampler(entry, method)
     labels = balanced_labels(ev.num_samples, ws.data.spec.num_classes)
     sampler_name = ws.sampler_name(entry, method)
     written = []
-    with writer_lock(ws.paths.sample_dir(entry.name), f"sample folder of method '{entry.name}'"):
-        for steps in ws.exp.steps_for(entry):
-            meta = {"method": entry.name, **expected_samples(ws, entry, sampler_name, steps)}
-            written.append(generate(sampler, method, labels, steps, entry.guidance, ev.seed, ev.batch_size, device,
-                                    ws.paths.samples(entry.name, steps), meta,
-                                    desc=f"sample {entry.name} @ {steps} steps" if progress else ""))
+    # drawn with TF32 where the method trained with it (train.tf32, in each set's train hash)
+    with writer_lock(ws.paths.sample_dir(entry.name), f"sample folder of method '{entry.name}'"), \
+            precision.sampling_tf32(entry.train.tf32):
+        chosen = choose_guidance(ws, entry, method, sampler, sampler_name, device, progress)
+        for spec in scored_sets(ws, entry, chosen):
+            meta = {"method": entry.name, **expected_identity(ws, entry, sampler_name, spec)}
+            seed = f", seed {spec.seed}" if len(ev.scored_seeds) > 1 else ""
+            desc = f"sample {entry.name} @ {spec.steps} steps{seed}" if progress else ""
+            written.append(generate(sampler, method, labels, spec.steps, spec.guidance, spec.seed, ev.batch_size,
+                                    device, spec.path, meta, desc=desc))
     distributed.barrier()
     return written
 
@@ -254,15 +273,16 @@ def plugin_versions(ws: Workspace, entry: MethodEntry, sampler: str) -> str:
 
 
 @torch.no_grad()
-def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, steps: int, device: torch.device) -> dict[str, Any]:
+def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, steps: int, guidance: float,
+              device: torch.device) -> dict[str, Any]:
     """FLOPs, speed at the throughput batch and at batch 1, and peak tensor memory of one
     sampling call at the throughput batch (a four-part progress bar)."""
     ev = ws.exp.eval
     bar = tqdm(total=4, desc=f"FLOPs and timing of {entry.name} @ {steps} steps", leave=False)
-    count = flops.count_sampling_flops(sampler, method, steps, entry.guidance, device=device)
+    count = flops.count_sampling_flops(sampler, method, steps, guidance, device=device)
     bar.update()
     labels = balanced_labels(ev.throughput_batch, ws.data.spec.num_classes).to(device)
-    call = lambda y: (lambda: sampler.sample(method, y, steps, entry.guidance, None))  # noqa: E731
+    call = lambda y: (lambda: sampler.sample(method, y, steps, guidance, None))  # noqa: E731
     speed = flops.measure_throughput(call(labels), batch=ev.throughput_batch, warmup=1, repeats=3, device=device)
     bar.update()
     single = flops.measure_throughput(call(labels[:1]), batch=1, warmup=1, repeats=5, device=device)
@@ -270,7 +290,7 @@ def _cost_row(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any, step
     peak = flops.measure_peak_memory(call(labels), method, device)
     bar.close()
     return {
-        "nfe": sampler.nfe(steps, entry.guidance),
+        "nfe": sampler.nfe(steps, guidance),
         "gflops_per_image": count.total / 1e9,
         "gflops_paper": count.paper / 1e9,
         "images_per_s": speed.images_per_s,
@@ -402,7 +422,6 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
         "method": entry.name,
         "method_plugin": entry.method.name,
         "sampler": sampler_name,
-        "guidance": entry.guidance,
         "params": params.total,
         "trainable_params": params.trainable,
         "train_steps": entry.train.steps,
@@ -415,16 +434,25 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
         "plugin_versions": plugin_versions(ws, entry, sampler_name),
         "spheregen_version": importlib.metadata.version("spheregen"),
     }
-    rows = []
-    for steps in ws.exp.steps_for(entry):
-        identity = expected_samples(ws, entry, sampler_name, steps)
-        samples = open_samples(ws.paths.samples(entry.name, steps), identity)  # memory-mapped
+    base.update(training_cost(ws, entry))
+    scales = ws.exp.guidances_for(entry)
+    if len(scales) > 1:  # which scales the row's scale was chosen from, and on which seed
+        base.update(guidance_scales=json.dumps(scales), guidance_seed=ws.exp.eval.guidance_seed)
+    rows, costs = [], {}
+    for spec in current_sets(ws, entry, sampler_name):
+        identity = expected_identity(ws, entry, sampler_name, spec)
+        samples = open_samples(spec.path, identity)  # memory-mapped
         scores = score_all(metrics, samples, reference, labels=samples.labels,
-                           what=f"samples of {entry.name} @ {steps} steps")
+                           what=f"samples of {entry.name} @ {spec.steps} steps, seed {spec.seed}")
         if not distributed.is_main():
-            continue  # speed and FLOPs are measured by one process
-        row = {**base, "steps": steps, "num_samples": len(samples), "sample_hash": config_hash(identity)}
-        row.update(_cost_row(ws, entry, method, sampler, steps, device))
+            continue  # speed and FLOPs are measured by one process, once per step count and scale
+        key = (spec.steps, spec.guidance)
+        if key not in costs:  # timed in the numerics the samples were drawn in
+            with precision.autocast(device, ws.exp.eval.mixed_precision), precision.tf32(entry.train.tf32):
+                costs[key] = _cost_row(ws, entry, method, sampler, spec.steps, spec.guidance, device)
+        row = {**base, "steps": spec.steps, "guidance": spec.guidance, "seed": spec.seed,
+               "num_samples": len(samples), "sample_hash": config_hash(identity)}
+        row.update(costs[key])
         row.update(scores)
         rows.append(row)
     return rows
@@ -453,11 +481,12 @@ def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -
     reference = workspace_reference(ws)
     prepare_reference(metrics, reference)
     originals = split_reference(ws, "test")
-    rows, tokenizer_rows = [], []
+    rows, tokenizer_rows, guidance_rows = [], [], []
     scored: dict[Any, dict[str, Any] | None] = {}  # tokenizer identity -> its row (scored once)
     for entry in entries:
         method = load_trained(ws, entry, ws.exp.eval.use_ema, device)
         rows.extend(evaluate_entry(ws, entry, metrics, reference, device, method))
+        guidance_rows.extend(record_rows(ws, entry))
         identity = tokenizer_identity(ws, entry, method)
         if identity not in scored:
             scored[identity] = reconstruction_row(ws, entry, method, metrics, device, identity, originals)
@@ -467,7 +496,7 @@ def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -
     tokenizer_rows = [r for r in tokenizer_rows if r is not None]
     path = ws.paths.report / "results.parquet"
     if distributed.is_main():
-        write_results(ws, rows, tokenizer_rows)
+        write_results(ws, rows, tokenizer_rows, guidance_rows)
     distributed.barrier()
     return path
 

@@ -11,7 +11,7 @@ Layout (every key optional unless marked)::
     name = "fm-pixel"                    # required; the run id
     method = { name = "flow-matching", ... }   # required
     sampler = "euler"                    # default: the method's default sampler
-    guidance = 1.0
+    guidance = 1.0                       # or a list: the scale is chosen per step count
     steps = [1, 2, 4]                    # default: eval.steps
     [methods.train]                      # overrides of [train] for this method
 """
@@ -65,6 +65,25 @@ def _steps(_inst: Any, attribute: attrs.Attribute, value: tuple[int, ...] | None
         raise ValueError(f"'{attribute.name}' must be a non-empty list of step counts >= 1, got {list(value)}")
 
 
+def _guidance(_inst: Any, attribute: attrs.Attribute, value: float | tuple[float, ...] | None) -> None:
+    scales = value if isinstance(value, tuple) else () if value is None else (value,)
+    if isinstance(value, tuple) and not value:
+        raise ValueError(f"'{attribute.name}' must be a scale >= 0 or a non-empty list of scales, got []")
+    if any(w < 0 for w in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"'{attribute.name}' must be scales >= 0, each listed once, got {value}")
+
+
+def _seeds(_inst: Any, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
+    if value is None:
+        return
+    if not value or len(set(value)) != len(value) or any(not 0 <= s < 2**32 for s in value):
+        raise ValueError(f"'{attribute.name}' must be a non-empty list of distinct seeds in [0, 2**32), got {value}")
+
+
+def as_scales(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(float(w) for w in value) if isinstance(value, tuple) else (float(value),)
+
+
 @attrs.frozen(kw_only=True)
 class DataConfig:
     """Which data and how it is shaped for the models.
@@ -114,7 +133,18 @@ class TrainConfig:
     Checkpoints are written every ``checkpoint_every`` steps (0: off) and, whichever
     comes first, after ``checkpoint_minutes`` of training since the last one (0: off),
     so a preempted run loses minutes, not the run; the final step always checkpoints.
-    Neither cadence nor ``log_every`` is part of the run's identity."""
+    Neither cadence nor ``log_every`` is part of the run's identity.
+
+    Precision and speed (spheregen.precision, docs/scale.md), each off by default and
+    applied to the method's training only (a fit stage runs without them): ``tf32`` lets
+    CUDA matmuls and convolutions use TF32 tensor cores while this method trains and
+    samples (no effect on a CPU); ``compile`` runs the training step (the method's loss
+    and its networks) through ``torch.compile``, in place, so checkpoints and weights keep
+    their keys; ``activation_checkpointing`` recomputes each block's activations in the
+    backward pass instead of keeping them (less memory, about one more forward pass of
+    compute; the method lists its blocks: spheregen.interfaces.CheckpointableBlocks, or
+    the experiment is refused at load); ``fused_adamw`` steps AdamW in torch's fused
+    kernel. ``mixed_precision`` (above) is accelerate's autocast of training."""
 
     steps: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=64, validator=positive)
@@ -142,6 +172,16 @@ class TrainConfig:
                                                                           metadata={"omit_if_default": True})
     cache_latents_max_gb: float = attrs.field(default=4.0, validator=attrs.validators.gt(0),
                                               metadata={"omit_if_default": True, "identity": False})
+    # precision and speed (spheregen.precision); omitted at their defaults, so adding them
+    # changed no run identity. TF32, compiled kernels and the fused AdamW kernel round
+    # differently from the plain fp32 step, so the trained weights differ: part of the
+    # run's identity. Activation checkpointing replays the same forward (RNG state
+    # included) and gives the same loss and gradients, so it is not: it may be turned on
+    # to --resume a run that ran out of memory.
+    tf32: bool = attrs.field(default=False, metadata={"omit_if_default": True})
+    compile: bool = attrs.field(default=False, metadata={"omit_if_default": True})
+    activation_checkpointing: bool = attrs.field(default=False, metadata={"omit_if_default": True, "identity": False})
+    fused_adamw: bool = attrs.field(default=False, metadata={"omit_if_default": True})
 
 
 @attrs.frozen(kw_only=True)
@@ -155,7 +195,20 @@ class EvalConfig:
     split; a relative path is read from the experiment file's folder. The other
     reference-based metrics keep the split. ``reference_subset``: KID, precision/recall,
     CMMD and metrics without reference statistics see a seeded, class-balanced subset of
-    at most this many reference images (the whole split when it is smaller)."""
+    at most this many reference images (the whole split when it is smaller).
+
+    ``seeds``: sample and score every set once per seed (replaces ``seed``); the report
+    shows mean ± std over them. ``guidance``: the guidance scale, or a list of scales,
+    of every method that sets none itself. With a list, each method is sampled at every
+    scale with ``guidance_seed`` (``guidance_samples`` images; default ``num_samples``)
+    and, per step count, the scale with the best headline metric (FID) there is the one
+    sampled with ``seeds`` and scored: the choice is made on other samples than the
+    scored ones (spheregen.guidance_search).
+
+    ``mixed_precision = "bf16"``: sampling and the metrics' feature extraction (samples
+    and reference alike) run under bf16 autocast, on CUDA and CPU. Samples, features and
+    scores then differ from fp32 ones (sample files, cached reference features and result
+    rows are keyed by it), so compare scores only at one setting."""
 
     steps: tuple[int, ...] = attrs.field(default=(1, 2, 4, 8), validator=_steps)
     num_samples: int = attrs.field(default=1000, validator=positive)
@@ -173,6 +226,25 @@ class EvalConfig:
     use_ema: bool = True
     seed: int = 2  # in [0, 2**32), checked for every seed by spheregen.config
     throughput_batch: int = attrs.field(default=64, validator=positive)
+    seeds: tuple[int, ...] | None = attrs.field(default=None, validator=_seeds, metadata={"omit_if_default": True})
+    guidance: float | tuple[float, ...] | None = attrs.field(default=None, validator=_guidance,
+                                                             metadata={"omit_if_default": True})
+    guidance_seed: int = attrs.field(default=1000, metadata={"omit_if_default": True})
+    guidance_samples: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive),
+                                               metadata={"omit_if_default": True})
+    # bf16 autocast of sampling and feature extraction (spheregen.precision): it changes
+    # the samples and the features, so it is part of their identity when set
+    mixed_precision: Literal["no", "bf16"] = attrs.field(default="no", metadata={"omit_if_default": True})
+
+    def __attrs_post_init__(self) -> None:
+        if self.guidance_seed in self.scored_seeds:
+            raise ValueError(f"'guidance_seed' {self.guidance_seed} is also a scored seed {list(self.scored_seeds)}: "
+                             "the guidance scale must be chosen on other samples than the scored ones; pick another")
+
+    @property
+    def scored_seeds(self) -> tuple[int, ...]:
+        """The seeds every sample set is drawn (and scored) with."""
+        return self.seeds or (self.seed,)
 
     def reference_stats_path(self, source: str) -> Path | None:
         """``reference_stats`` as a path: a relative one is read from the folder of the
@@ -191,7 +263,9 @@ class MethodEntry:
     name: str = attrs.field(validator=lambda _i, _a, v: _check_run_id(v))
     method: Component = component_field("method")
     sampler: Component | None = attrs.field(default=None, metadata={"kind": "sampler"})
-    guidance: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
+    # None: eval.guidance, else 1.0; a list: chosen per step count (EvalConfig)
+    guidance: float | tuple[float, ...] | None = attrs.field(default=None, validator=_guidance,
+                                                             metadata={"omit_if_default": True})
     steps: tuple[int, ...] | None = attrs.field(default=None, validator=_steps)
     train: TrainConfig = attrs.field(factory=TrainConfig)
 
@@ -215,6 +289,14 @@ class Experiment:
 
     def steps_for(self, entry: MethodEntry) -> tuple[int, ...]:
         return entry.steps or self.eval.steps
+
+    def guidances_for(self, entry: MethodEntry) -> tuple[float, ...]:
+        """The guidance scales ``entry`` is sampled at: its own, else ``eval.guidance``,
+        else 1.0 (no guidance); more than one means the scale is chosen per step count."""
+        for value in (entry.guidance, self.eval.guidance):
+            if value is not None:
+                return as_scales(value)
+        return (1.0,)
 
 
 def load_experiment(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Experiment:

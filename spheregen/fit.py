@@ -346,12 +346,16 @@ def _remove(folder: Path, root: Path) -> None:
 
 def phase_config(recipe: FitRecipe, launch: TrainConfig, n: int) -> TrainConfig:
     """The TrainConfig of one phase: the component's recipe (a batch larger than the
-    training split is the split) in the launch settings of ``launch``."""
+    training split is the split) in the launch settings of ``launch``, without the
+    method-training speed options (TF32, compile, fused AdamW, activation checkpointing):
+    a fit's identity records the launch's mixed precision alone, and its phases' modules
+    list no blocks to checkpoint."""
     batch = min(recipe.batch_size, n)
     steps = recipe.steps if recipe.steps is not None else recipe.epochs * max(1, n // batch)
     return attrs.evolve(launch, steps=steps, batch_size=batch, lr=recipe.lr, min_lr_ratio=recipe.min_lr_ratio,
                         warmup_fraction=recipe.warmup_fraction, weight_decay=recipe.weight_decay,
-                        betas=tuple(recipe.betas), grad_clip=recipe.grad_clip, ema_decay=0.0, cache_latents="off")
+                        betas=tuple(recipe.betas), grad_clip=recipe.grad_clip, ema_decay=0.0, cache_latents="off",
+                        tf32=False, compile=False, fused_adamw=False, activation_checkpointing=False)
 
 
 def _fit(spec: FitSpec, folder: Path, key: str, data_key: str, train_split: Callable[[], Dataset],

@@ -30,6 +30,8 @@ that calls ``.item()`` or branches on tensor values must be counted on a real de
 
 from __future__ import annotations
 
+import itertools
+
 import math
 import statistics
 import time
@@ -261,11 +263,11 @@ def experiment_flops(ws: Any, names: Sequence[str] | None = None,
             continue
         method, sampler = ws.build_architecture(entry)
         params = count_params(method).total
-        for k in steps or ws.exp.steps_for(entry):
-            count = count_sampling_flops(sampler, method, k, entry.guidance, device="meta")
+        for k, w in itertools.product(steps or ws.exp.steps_for(entry), ws.exp.guidances_for(entry)):
+            count = count_sampling_flops(sampler, method, k, w, device="meta")
             rows.append({
                 "method": entry.name, "sampler": ws.sampler_name(entry, method), "steps": k,
-                "guidance": entry.guidance, "nfe": sampler.nfe(k, entry.guidance),
+                "guidance": w, "nfe": sampler.nfe(k, w),
                 "gflops_true": count.total / 1e9, "gflops_paper": count.paper / 1e9, "params": params,
             })
     return rows

@@ -32,6 +32,17 @@ class Generator:
     def __init__(self, method: torch.nn.Module, sampler: Any, entry: MethodEntry, config: dict[str, Any],
                  device: torch.device):
         self.method, self.sampler, self.entry, self.config, self.device = method, sampler, entry, config, device
+        self.chosen_guidance: dict[int, float] = {}  # {steps: scale} chosen by evaluation from a list
+
+    def guidance(self, steps: int) -> float:
+        """The scale sampling uses at ``steps`` by default: the one evaluation chose for
+        that step count, else the method's single scale, else 1.0 (no guidance)."""
+        if steps in self.chosen_guidance:
+            return self.chosen_guidance[steps]
+        if isinstance(self.entry.guidance, tuple):
+            raise SpheregenError(f"method '{self.entry.name}' has the guidance list {list(self.entry.guidance)} and no "
+                                 f"scale was chosen at {steps} steps (run `spheregen sample`); pass guidance=...")
+        return 1.0 if self.entry.guidance is None else float(self.entry.guidance)
 
     @property
     def spec(self) -> DataSpec:
@@ -41,13 +52,14 @@ class Generator:
     def sample(self, labels: Sequence[int] | torch.Tensor, steps: int, guidance: float | None = None, seed: int = 0,
                batch: int = 256) -> torch.Tensor:
         """uint8 N×C×H×W images of the classes ``labels`` (N) in ``steps`` steps, with the
-        run's guidance unless given; batch i draws from seed (seed, i) as evaluation does."""
+        run's guidance (:meth:`guidance`) unless given; batch i draws from seed (seed, i)
+        as evaluation does."""
         from spheregen.samples import batch_seed
 
         y = torch.as_tensor(labels, dtype=torch.int64)
         if y.ndim != 1 or (self.spec.num_classes and (y.min() < 0 or y.max() >= self.spec.num_classes)):
             raise SpheregenError(f"labels must be a list of classes in [0, {self.spec.num_classes}), got {y.tolist()}")
-        w = self.entry.guidance if guidance is None else float(guidance)
+        w = self.guidance(steps) if guidance is None else float(guidance)
         parts = []
         for i in range(0, len(y), batch):
             gen = torch.Generator(device=self.device).manual_seed(batch_seed(seed, i // batch))
@@ -113,4 +125,22 @@ def load(path: str | Path, method: str | None = None, use_ema: bool = True, devi
     built = built.to(device).eval()
     sampler = build_component("sampler", entry.sampler or built.default_sampler, ctx,
                               f"{folder / 'config.json'}: entry.sampler")
-    return Generator(built, sampler, entry, config, device)
+    generator = Generator(built, sampler, entry, config, device)
+    record = folder.parents[1] / "samples" / entry.name / "guidance.json"  # runs/<exp>/samples/<method>/
+    if record.is_file():
+        generator.chosen_guidance = _chosen(record, config.get("config_hash"))
+    return generator
+
+
+def _chosen(record: Path, run_hash: str | None) -> dict[int, float]:
+    """The guidance choice of ``record`` when it was made on these weights, else {}."""
+    import json
+
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    rows = data.get("rows") or [{}]
+    if run_hash is None or any(r.get("train_hash", run_hash) != run_hash for r in rows):
+        return {}
+    return {int(k): float(v) for k, v in data.get("chosen", {}).items()}

@@ -303,6 +303,20 @@ class LatentMethod(Protocol):
 
 
 @runtime_checkable
+class CheckpointableBlocks(Protocol):
+    """activation checkpointing per block: checkpoint_blocks()
+
+    ``checkpoint_blocks()`` -> the modules (a network's transformer blocks) whose
+    activations ``train.activation_checkpointing`` recomputes in the backward pass
+    instead of keeping them (:func:`spheregen.precision.checkpoint_activations`). Each
+    must be a pure function of its arguments and parameters (no state it updates, such
+    as batch-norm statistics): it runs twice. A method lists its trained networks'
+    blocks; a network (the ``dit`` denoiser, the Sphere Encoder's ViTs) lists its own."""
+
+    def checkpoint_blocks(self) -> list[torch.nn.Module]: ...
+
+
+@runtime_checkable
 class ReconstructingMethod(Protocol):
     """a tokenizer round trip: reconstruct(images, labels=None)
 
@@ -538,7 +552,10 @@ class MetricContext:
     ``train_images`` / ``train_labels`` (uint8 N×C×H×W, int64 N) and the test pair are
     the experiment's data after preprocessing; ``cache_dir`` is where a metric may keep
     what it trains or precomputes (keyed by its own config hash); ``device`` is where it
-    runs.
+    runs. ``mixed_precision`` (``[eval] mixed_precision``, ``"no"`` or ``"bf16"``) is the
+    autocast feature extraction runs under (:func:`spheregen.precision.autocast`), of the
+    samples and the reference alike; a metric that honours it keys its cached reference
+    features by it.
     """
 
     data: DataSpec
@@ -549,6 +566,7 @@ class MetricContext:
     cache_dir: str
     device: torch.device
     dataset_key: str
+    mixed_precision: Literal["no", "bf16"] = "no"
 
 
 @attrs.frozen(kw_only=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spheregen.interfaces import BuildContext, DataSpec
+from spheregen.interfaces import BuildContext, CheckpointableBlocks, DataSpec, require
 
 
 def latent_data_spec(latent_shape: tuple[int, ...], num_classes: int) -> DataSpec:
@@ -30,8 +30,9 @@ def build_latent_denoiser(ctx: BuildContext, component: Any, latent_shape: tuple
 
 class TokenizerDenoiserMethod(nn.Module):
     """A frozen tokenizer plus a trained denoiser on its latents; implements
-    :class:`~spheregen.interfaces.LatentMethod` and
-    :class:`~spheregen.interfaces.ReconstructingMethod`. A subclass defines
+    :class:`~spheregen.interfaces.LatentMethod`,
+    :class:`~spheregen.interfaces.ReconstructingMethod` and
+    :class:`~spheregen.interfaces.CheckpointableBlocks` (its denoiser's). A subclass defines
     ``latent_loss`` and ``default_sampler``.
 
     The tokenizer is frozen (no gradients, kept in eval mode); ``encode`` runs without
@@ -78,6 +79,13 @@ class TokenizerDenoiserMethod(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The denoiser's blocks (``train.activation_checkpointing``; the frozen tokenizer
+        keeps no activations), or a ConfigError when the denoiser lists none."""
+        require(self.denoiser, CheckpointableBlocks, f"activation checkpointing of {type(self).__name__}'s denoiser",
+                "Use a denoiser that lists its blocks (dit does), or set train.activation_checkpointing = false")
+        return self.denoiser.checkpoint_blocks()
 
     def label_drop_mask(self, batch: int, device: torch.device) -> Tensor:
         """B bool, True with probability ``label_dropout`` (those samples train the null class)."""

@@ -63,8 +63,15 @@ class Paths:
     def sample_dir(self, method: str) -> Path:
         return inside(self.experiment_runs / "samples" / method, self.runs_root)
 
-    def samples(self, method: str, steps: int) -> Path:
-        return self.sample_dir(method) / f"steps-{steps}.npz"
+    def samples(self, method: str, steps: int, seed: int | None = None) -> Path:
+        """A scored sample set: ``steps-<T>.npz`` for the first of ``eval.seeds`` (None),
+        ``steps-<T>_seed-<s>.npz`` for the others."""
+        name = f"steps-{steps}" if seed is None else f"steps-{steps}_seed-{seed}"
+        return self.sample_dir(method) / f"{name}.npz"
+
+    def guidance_samples(self, method: str, steps: int, guidance: float) -> Path:
+        """A sample set drawn to choose the guidance scale (spheregen.selection)."""
+        return self.sample_dir(method) / "guidance" / f"steps-{steps}_w-{guidance:g}.npz"
 
     @property
     def report(self) -> Path:

@@ -32,6 +32,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from spheregen.errors import SpheregenError  # noqa: E402
 from spheregen.samples import open_samples  # noqa: E402
 from spheregen.interfaces import Column  # noqa: E402
 from spheregen.paths import DirLock, atomic_write, atomic_write_text  # noqa: E402
@@ -86,6 +87,32 @@ def _fmt(value: object, fmt: str, scale: float = 1.0) -> str:
 
 def _cell(col: Column, value: object) -> str:
     return _fmt(value, col.format, col.scale)
+
+
+# the std over eval.seeds of a metric column, beside its mean (over_seeds)
+SEED_STD = "_seed_std"
+
+
+def _row_cell(col: Column, row: dict[str, object]) -> str:
+    """A row's cell: ``mean ± std`` when the row is a mean over seeds, else the value."""
+    std = row.get(col.key + SEED_STD)
+    cell = _cell(col, row.get(col.key))
+    return cell if _missing(std) or _missing(row.get(col.key)) else f"{cell} ± {_fmt(std, col.format, col.scale)}"
+
+
+def over_seeds(ws: Workspace, df: pl.DataFrame) -> pl.DataFrame:
+    """One row per method × steps: with several seeds (``eval.seeds``), each numeric
+    metric column is their mean and ``<key>_seed_std`` their standard deviation
+    (ddof 1), ``n_seeds`` their number; other columns are those of the first seed's row
+    (speed and FLOPs are measured once per step count)."""
+    if "seed" not in df.columns or df.group_by(["method", "steps"]).len()["len"].max() == 1:
+        return df
+    numeric = [c.key for c in metric_columns(ws, df.columns) if df.schema[c.key].is_numeric()]
+    others = [c for c in df.columns if c not in numeric and c not in ("method", "steps")]
+    return (df.sort(["method", "steps", "seed"])
+            .group_by(["method", "steps"], maintain_order=True)
+            .agg([pl.col(k).mean() for k in numeric] + [pl.col(k).std().alias(k + SEED_STD) for k in numeric]
+                 + [pl.len().alias("n_seeds")] + [pl.col(c).first() for c in others]))
 
 
 class Best(str):
@@ -152,7 +179,7 @@ def results_rows(ws: Workspace, df: pl.DataFrame) -> tuple[list[str], list[list[
     header = [_header(c, df, f"{c.key}_features") for c in cols]
     records = list(df.sort(["method", "steps"]).iter_rows(named=True))
     values = [[r[c.key] for c in cols] for r in records]
-    return header, mark_best(cols, [[_cell(c, r[c.key]) for c in cols] for r in records], values)
+    return header, mark_best(cols, [[_row_cell(c, r) for c in cols] for r in records], values)
 
 
 def headline(ws: Workspace, df: pl.DataFrame) -> Column | None:
@@ -160,14 +187,15 @@ def headline(ws: Workspace, df: pl.DataFrame) -> Column | None:
     return next((c for c in metric_columns(ws, df.columns) if c.headline), None)
 
 
-def steps_rows(df: pl.DataFrame, head: Column | None) -> tuple[list[str], list[list[str]]] | None:
+def steps_rows(df: pl.DataFrame, head: Column | None, with_gflops: bool = True
+               ) -> tuple[list[str], list[list[str]]] | None:
     """Seed 000's layout: one row per method, FID@k and GFLOPs@k side by side (``head``:
-    the headline column, e.g. FID; None without one)."""
+    the headline column, e.g. FID; None without one; ``with_gflops=False``: ``head`` alone)."""
     if head is None:
         return None
     steps = sorted(df["steps"].unique().to_list())
     gflops = COST_COLUMNS[0]
-    has_gflops = gflops.key in df.columns
+    has_gflops = with_gflops and gflops.key in df.columns
     header = (["method"] + [f"{head.label}@{k}" for k in steps]
               + ([f"GFLOPs@{k}" for k in steps] if has_gflops else []))
     rows, raw = [], []
@@ -177,7 +205,8 @@ def steps_rows(df: pl.DataFrame, head: Column | None) -> tuple[list[str], list[l
         nums = [by_steps[k][head.key] if k in by_steps else None for k in steps]
         gfl = [by_steps[k][gflops.key] if k in by_steps else None for k in steps] if has_gflops else []
         raw.append([method, *nums, *gfl])
-        rows.append([method] + [_cell(c, v) for c, v in zip(cols[1:], nums + gfl)])
+        cells = [_row_cell(head, by_steps[k]) if k in by_steps else "–" for k in steps]
+        rows.append([method] + cells + [_cell(gflops, v) for v in gfl])
     return header, mark_best(cols, rows, raw)
 
 
@@ -292,7 +321,9 @@ def plot_headline(df: pl.DataFrame, col: Column | None, out: Path, suffix: str =
             continue
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for method, g in df.sort("steps").group_by("method", maintain_order=True):
-            ax.plot(g[x], g[col.key], marker="o", label=method[0], zorder=2)
+            std = g[col.key + SEED_STD].to_numpy() if col.key + SEED_STD in g.columns else None
+            ax.errorbar(g[x].to_numpy(), g[col.key].to_numpy(), yerr=std, marker="o", capsize=3, label=method[0],
+                        zorder=2)
             if x != "steps":
                 _point_labels(ax, g, x, col.key)
         if x == "gflops_per_image":
@@ -335,6 +366,83 @@ def plot_training(ws: Workspace, methods: list[str], out: Path) -> Path | None:
     path = out / "training_loss.png"
     _save_fig(fig, path)
     return path
+
+
+def read_guidance(ws: Workspace, df: pl.DataFrame) -> pl.DataFrame | None:
+    """The rows of ``guidance.parquet`` behind the shown results: methods whose scale was
+    chosen from a list (spheregen.selection), from the same weights; None without any."""
+    path = ws.paths.report / "guidance.parquet"
+    if not path.is_file() or "guidance_scales" not in df.columns:
+        return None
+    listed = df.filter(pl.col("guidance_scales").is_not_null()).select("method", "train_hash").unique()
+    rows = pl.read_parquet(path).join(listed, on=["method", "train_hash"], how="semi")
+    return rows if len(rows) else None
+
+
+def guidance_table(head: Column, g: pl.DataFrame, df: pl.DataFrame, label: str
+                   ) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per method and step count, the headline value at each scale on the
+    selection seed (the chosen one bold) and the chosen scale's value on the scored seeds."""
+    scales = sorted(g["guidance"].unique().to_list())
+    header = ["method", "steps", *[f"{label} w={w:g}" for w in scales], "chosen w", f"{label} (scored seeds)"]
+    shown = {(r["method"], r["steps"]): r for r in df.iter_rows(named=True)}
+    rows = []
+    for (method, steps), part in sorted(g.group_by(["method", "steps"]), key=lambda kv: kv[0]):
+        by_scale = {r["guidance"]: r for r in part.iter_rows(named=True)}
+        cells = []
+        for w in scales:
+            r = by_scale.get(w)
+            cell = "–" if r is None else _cell(head, r.get(head.key))
+            cells.append(Best(cell) if r is not None and r.get("chosen") else cell)
+        chosen = next((w for w, r in by_scale.items() if r.get("chosen")), None)
+        scored = shown.get((method, steps))
+        rows.append([method, str(steps), *cells, "–" if chosen is None else f"{chosen:g}",
+                     "–" if scored is None else _row_cell(head, scored)])
+    return header, rows
+
+
+def plot_guidance(head: Column, g: pl.DataFrame, label: str, out: Path, suffix: str = "") -> Path:
+    """``<key>_vs_guidance.png``: the headline value on the selection seed against the
+    guidance scale, one panel per step count, the chosen scale ringed."""
+    steps = sorted(g["steps"].unique().to_list())
+    cols = min(len(steps), 4)
+    nrows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols + 1.5, 2.8 * nrows), squeeze=False, sharey=True)
+    for ax, k in zip(axes.flat, steps):
+        for method, part in g.filter(pl.col("steps") == k).sort("guidance").group_by("method", maintain_order=True):
+            line = ax.plot(part["guidance"], part[head.key], marker="o", label=method[0])[0]
+            best = part.filter(pl.col("chosen"))
+            ax.scatter(best["guidance"], best[head.key], s=140, facecolors="none", edgecolors=line.get_color())
+        ax.set_title(f"{k} step(s)", fontsize=9)
+        ax.set_xlabel("guidance scale w")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(steps):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{label} ({head.better} is better)" if head.better else label)
+    axes.flat[0].legend(loc="upper left", bbox_to_anchor=(cols * 1.08 + 0.1, 1.0), fontsize=8, frameon=False)
+    path = out / f"{head.key}_vs_guidance{suffix}.png"
+    _save_fig(fig, path)
+    return path
+
+
+def guidance_blocks(ws: Workspace, df: pl.DataFrame, out: Path, suffix: str = "") -> list[Block]:
+    """The guidance section: the best-guidance table and the FID-vs-guidance plot."""
+    head = headline(ws, df)
+    g = read_guidance(ws, df) if head is not None else None
+    if g is None or head.key not in g.columns:
+        return []
+    label = _header(head, df, f"{head.key}_features")
+    ev = ws.exp.eval
+    n = g["num_samples"].max()
+    return [
+        ("h", 3, "Guidance"),
+        ("p", f"Each method was sampled at every listed guidance scale with seed {ev.guidance_seed} ({n} samples "
+              f"each; never scored in the tables above), and per step count the scale with the best {head.label} "
+              "there (bold) is the one drawn with the scored seeds."),
+        ("table", *guidance_table(head, g, df, label)),
+        ("images", [(plot_guidance(head, g, label, out, suffix).name, f"{head.label} vs guidance")]),
+    ]
 
 
 def _floats(df: pl.DataFrame, col: str) -> list[float]:
@@ -472,6 +580,13 @@ def speed_note(df: pl.DataFrame) -> str:
             "only between rows of one setup (columns device, torch_threads of results.parquet).")
 
 
+def _seeds_note(df: pl.DataFrame) -> str:
+    if "n_seeds" not in df.columns:
+        return ""
+    return (f", mean ± standard deviation over {df['n_seeds'].max()} sampling seeds (error bars in the plots; "
+            "speed and FLOPs measured once)")
+
+
 def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, out: Path, suffix: str) -> list[Block]:
     """The section of one dataset; its plots are written into ``out`` (file names end in
     ``suffix``)."""
@@ -483,7 +598,7 @@ def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, out: Path, suf
         ("h", 2, f"Dataset: {dataset}"),
         ("p", f"Data: `{dataset}` at {exp.data.image_size}×{exp.data.image_size}, {exp.data.channels} "
               f"channel(s). Metrics on {n if n is not None else '?'} class-balanced samples per row "
-              f"against the {exp.eval.reference} split."),
+              f"against the {exp.eval.reference} split{_seeds_note(df)}."),
         ("table", *results_rows(ws, df)),
     ]
     timing = speed_note(df)
@@ -494,6 +609,7 @@ def dataset_blocks(ws: Workspace, dataset: str, df: pl.DataFrame, out: Path, suf
         blocks += [("h", 3, "By step count"), ("table", *steps)]
     if plots:
         blocks.append(("images", [(p.name, p.stem.replace("_", " ")) for p in plots]))
+    blocks += guidance_blocks(ws, df, out, suffix)
     if any(p.name.startswith(f"{head.key}_vs_gflops") for p in plots):
         best = "highest" if head.better == "higher" else "lowest"
         blocks.append(("p", f"Rings and the dashed line in {head.label} vs GFLOPs: the Pareto front ({best} "
@@ -549,13 +665,34 @@ def report_blocks(ws: Workspace, df: pl.DataFrame, toks: pl.DataFrame | None, ou
 
 
 def training_blocks(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Block]:
-    """The training-loss curves, when the runs' logs are at hand."""
+    """Each method's training cost (when the rows record it) and the training-loss
+    curves (when the runs' logs are at hand)."""
     plot = plot_training(ws, df["method"].unique(maintain_order=True).to_list(), out)
-    if plot is None:
-        return []
-    return [("h", 2, "Training"), ("p", "Training loss by optimizer step (`runs/<experiment>/<method>/"
-                                        "train_log.jsonl`); each method's own objective, so compare shapes, not "
-                                        "levels, across methods."), ("images", [(plot.name, "training loss")])]
+    cost = training_cost_rows(df)
+    blocks: list[Block] = [("table", *cost)] if cost else []
+    if plot is not None:
+        blocks += [("p", "Training loss by optimizer step (`runs/<experiment>/<method>/train_log.jsonl`); each "
+                         "method's own objective, so compare shapes, not levels, across methods."),
+                   ("images", [(plot.name, "training loss")])]
+    return [("h", 2, "Training"), *blocks] if blocks else []
+
+
+def training_cost_rows(df: pl.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows): what training each method cost (spheregen.cost: FLOPs of forward
+    and backward, wall time summed over resumes, device-hours = wall × processes) and
+    the budgets a run extended by ``--extend-to`` continued; None without cost columns."""
+    if "train_gflops_total" not in df.columns:
+        return None
+    header = ["method", "train steps", "images seen", "training GFLOPs", "wall (s)", "device-hours", "devices",
+              "extended from (steps)"]
+    rows = []
+    for (method,), g in df.group_by("method", maintain_order=True):
+        r = g.row(0, named=True)
+        devices = "–" if _missing(r.get("train_processes")) else f"{r['train_processes']} × {r.get('train_device')}"
+        rows.append([method, _fmt(r.get("train_steps"), "{:,}"), _fmt(r.get("images_seen"), "{:,}"),
+                     _fmt(r.get("train_gflops_total"), "{:.3g}"), _fmt(r.get("train_wall_s"), "{:.0f}"),
+                     _fmt(r.get("train_device_hours"), "{:.3g}"), devices, r.get("extended_from") or "–"])
+    return header, rows
 
 
 def config_differences(ws: Workspace, methods: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -568,7 +705,11 @@ def config_differences(ws: Workspace, methods: list[str]) -> tuple[list[str], li
             return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): obj}
 
-    configs = {m: flat({k: v for k, v in to_dict(ws.exp.method(m)).items() if k != "name"}) for m in methods}
+    def effective(m: str) -> dict[str, object]:  # guidance as sampled (its own, else eval.guidance, else 1.0)
+        scales = ws.exp.guidances_for(ws.exp.method(m))
+        return {**to_dict(ws.exp.method(m)), "guidance": scales[0] if len(scales) == 1 else list(scales)}
+
+    configs = {m: flat({k: v for k, v in effective(m).items() if k != "name"}) for m in methods}
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
     return differ, [[m] + ["–" if configs[m].get(k) is None else str(configs[m][k]) for k in differ] for m in methods]
@@ -696,7 +837,7 @@ def to_html(blocks: list[Block], title: str, out: Path) -> str:
 def terminal_summary(ws: Workspace) -> str:
     """The by-steps table (headline metric and GFLOPs per step count) of each dataset, as
     markdown text for the end of ``spheregen run``."""
-    df = read_results(ws)
+    df = over_seeds(ws, read_results(ws))
     parts = []
     for dataset, part in by_dataset(ws, df):
         table = steps_rows(part, headline(ws, part))
@@ -706,13 +847,55 @@ def terminal_summary(ws: Workspace) -> str:
     return "\n\n".join(parts)
 
 
+def readme_markers(ws: Workspace) -> tuple[str, str]:
+    return (f"<!-- spheregen report {ws.exp.name}: generated from reports/{ws.exp.name}/, do not edit -->",
+            f"<!-- spheregen report {ws.exp.name}: end -->")
+
+
+def readme_block(ws: Workspace) -> str:
+    """The tables a README shows of this experiment, from its results files alone: the
+    by-steps table of each dataset (mean ± std over seeds), the class accuracy per step
+    count when a metric reports it, the best-guidance choices and the tokenizer table."""
+    df = over_seeds(ws, read_results(ws))
+    parts = []
+    for dataset, part in by_dataset(ws, df):
+        table = steps_rows(part, headline(ws, part))
+        if table is not None:
+            parts.append(_md_table(*table))
+        accuracy = next((c for c in metric_columns(ws, part.columns) if c.key == "class_accuracy"), None)
+        if accuracy is not None:
+            parts.append(_md_table(*steps_rows(part, accuracy, with_gflops=False)))
+        g = read_guidance(ws, part)
+        head = headline(ws, part)
+        if g is not None and head is not None:
+            parts.append(_md_table(*guidance_table(head, g, part, head.label)))
+    toks = read_tokenizers(ws.paths.report)
+    if toks is not None and len(toks):
+        parts.append(_md_table(*tokenizer_rows(ws, toks)))
+    return "\n\n".join(parts)
+
+
+def update_readme(ws: Workspace, readme: Path) -> Path:
+    """Replace the text between the experiment's markers in ``readme`` by
+    :func:`readme_block` (the markers must be there: the README says where tables go)."""
+    begin, end = readme_markers(ws)
+    text = readme.read_text(encoding="utf-8")
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise SpheregenError(f"{readme}: no block to fill; put the two lines\n{begin}\n{end}\nwhere the tables of "
+                             f"'{ws.exp.name}' go")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{head}{begin}\n{readme_block(ws)}\n{end}{tail}")
+    return readme
+
+
 def build_report(ws: Workspace) -> Path:
     """results.md, index.html, plots and grids from the parquet files and samples alone.
 
     Returns the path of results.md."""
     out = ws.paths.report
     with DirLock(out, "report folder"):  # one writer of reports/<experiment>/ at a time
-        blocks = report_blocks(ws, read_results(ws), read_tokenizers(out), out)
+        blocks = report_blocks(ws, over_seeds(ws, read_results(ws)), read_tokenizers(out), out)
         atomic_write_text(out / "index.html", to_html(blocks, f"{ws.exp.name}: results", out))
         atomic_write_text(out / "results.tex", to_latex(blocks, f"{ws.exp.name}: results"))
         path = out / "results.md"

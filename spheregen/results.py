@@ -35,11 +35,20 @@ def eval_hash(ws: Any, entry: MethodEntry) -> str:
     scoring = {k: getattr(ev, k) for k in ("num_samples", "batch_size", "metrics", "reference", "use_ema", "seed",
                                             "throughput_batch")}
     # keys added later count only when set, so results scored before them stay current
-    for key in ("reference_stats", "reference_subset"):
+    for key in ("reference_stats", "reference_subset", "seeds", "guidance", "guidance_seed", "guidance_samples",
+                "mixed_precision"):
         if getattr(ev, key) != getattr(attrs.fields(type(ev)), key).default:
             scoring[key] = getattr(ev, key)
     return config_hash({"entry": entry, "seed": ws.exp.seed, "data": ws.exp.data, "eval": scoring,
                         "steps": list(ws.exp.steps_for(entry))})
+
+
+def scoring_hash(ws: Any) -> str:
+    """What a score depends on besides the sample set itself: the data config, the
+    metrics and the reference (for the guidance choice's record, spheregen.selection)."""
+    ev = ws.exp.eval
+    return config_hash({"data": ws.exp.data, "metrics": ev.metrics, "reference": ev.reference,
+                        "reference_stats": ev.reference_stats, "reference_subset": ev.reference_subset})
 
 
 def read_results(ws: Any) -> pl.DataFrame:
@@ -125,13 +134,20 @@ def _with_old_users(old_file: pl.DataFrame | None, rows: list[dict[str, Any]], k
     return rows + extra
 
 
-def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = ()) -> Path:
-    """Write results.parquet (and tokenizers.parquet when there are reconstruction rows);
-    rows of methods not re-evaluated now are kept from the old files."""
+def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = (),
+                  guidance_rows: list[dict[str, Any]] = ()) -> Path:
+    """Write results.parquet (and tokenizers.parquet when there are reconstruction rows,
+    guidance.parquet when a guidance scale was chosen from a list); rows of methods not
+    re-evaluated now are kept from the old files."""
     report = ws.paths.report
     path = report / "results.parquet"
-    frame = _merge(path, pl.from_dicts(rows, infer_schema_length=None), "method", [m.name for m in ws.exp.methods])
+    names = [m.name for m in ws.exp.methods]
+    frame = _merge(path, pl.from_dicts(rows, infer_schema_length=None), "method", names)
     atomic_write(path, lambda p: frame.write_parquet(p))
+    if guidance_rows:
+        choices = _merge(report / "guidance.parquet", pl.from_dicts(guidance_rows, infer_schema_length=None),
+                         "method", names)
+        atomic_write(report / "guidance.parquet", lambda p: choices.write_parquet(p))
     if tokenizer_rows:
         tok_path = report / "tokenizers.parquet"
         old_file = _read_or_set_aside(tok_path)

@@ -14,6 +14,7 @@ micro-step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from spheregen.artifacts import read_final, write_final
 from spheregen.config import config_hash, to_dict
-from spheregen import latent_cache
+from spheregen import latent_cache, precision
 from spheregen.data import Examples, collate, to_float
 from spheregen.latent_cache import DiskLatents, MemoryLatents, flip_mask
 from spheregen.errors import CheckpointError, ConfigError, Preempted, StaleError, TrainingError
@@ -192,13 +193,80 @@ def list_checkpoints(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- trainer
 
 
-def run_hash(ws: Workspace, entry: MethodEntry) -> str:
+def run_hash(ws: Workspace, entry: MethodEntry, extended_from: tuple[int, ...] | None = None) -> str:
     """Identity of a training run: the data (its config and its content fingerprint,
     ``ws.data.key``), the method config, its train config, the seed. Sampler, guidance
     and step counts are left out: they only change evaluation, so changing them
-    re-samples without retraining; so are checkpoint and log cadence."""
+    re-samples without retraining; so are checkpoint and log cadence.
+
+    A run continued by ``spheregen train --extend-to`` also hashes ``extended_from``,
+    the budgets it finished before (4 -> 6 steps: ``(4,)``), so its weights are neither
+    the 4-step run's nor a fresh 6-step run's. ``None``: what the entry's run folder
+    records (:func:`run_history`), so every stage given ``train.steps = 6`` finds the
+    identity of the weights that folder holds; ``()``: a run trained in one go."""
+    history = run_history(ws, entry) if extended_from is None else tuple(extended_from)
     training = {"name": entry.name, "method": entry.method, "train": entry.train}
-    return config_hash({"data": ws.exp.data, "data_key": ws.data.key, "method": training, "seed": ws.exp.seed})
+    # a run in one go hashes as it always did: results scored before extensions stay current
+    extension = {"extended_from": list(history)} if history else {}
+    return config_hash({"data": ws.exp.data, "data_key": ws.data.key, "method": training, "seed": ws.exp.seed,
+                        **extension})
+
+
+def run_history(ws: Workspace, entry: MethodEntry) -> tuple[int, ...]:
+    """The budgets the run folder of ``entry`` says its weights were extended from, when
+    that record fits the entry's config (its run.json carries the extended run's
+    identity); () for a run trained in one go, no run, or a run of another config."""
+    meta = ws.paths.run(entry.name) / "run.json"
+    if not meta.is_file():
+        return ()
+    record = _read_json(meta)
+    history = tuple(int(s) for s in record.get("extended_from", ()))
+    return history if history and record.get("config_hash") == run_hash(ws, entry, history) else ()
+
+
+def run_differences(record: dict[str, Any], ws: Workspace, entry: MethodEntry) -> str:
+    """What differs between a run's record (its run.json or final/config.json) and what
+    the config gives now, in words: 'train.steps: run 4, config 6; ...', and the budgets
+    the run was extended from."""
+    then = _flat(record.get("method") or record.get("entry") or {})
+    # what run_hash covers of the entry; cadence and other non-identity keys cannot differ
+    now = {k: v for k, v in _flat(to_dict(entry, identity=True)).items()
+           if k.split(".")[0] in ("name", "method", "train")}
+    out = [f"{k}: run {then[k]!r}, config {v!r}" for k, v in now.items() if k in then and then[k] != v]
+    data_then, data_now = _flat(record.get("data") or {}, "data"), _flat(to_dict(ws.exp.data, identity=True), "data")
+    out += [f"{k}: run {data_then[k]!r}, config {v!r}" for k, v in data_now.items()
+            if k in data_then and data_then[k] != v]
+    if record.get("data_key") not in (None, ws.data.key):
+        out.append(f"data content: run {record['data_key']}, now {ws.data.key}")
+    if record.get("seed") not in (None, ws.exp.seed):
+        out.append(f"seed: run {record['seed']}, config {ws.exp.seed}")
+    if record.get("extended_from"):
+        steps = _flat(record.get("method") or record.get("entry") or {}).get("train.steps")
+        out.append(f"the run was extended from {record['extended_from']} to {steps} steps "
+                   f"(spheregen train --extend-to): give it train.steps = {steps}")
+    return "; ".join(out) or "the data config or the dataset differ"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train.steps': 4, ...} of nested dicts."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    """A finished run continued to a larger budget (:mod:`spheregen.extension` plans it):
+    ``entry`` at the new budget, the finished run's budget and identity, and the
+    budgets the result is extended from (the finished run's own, then its budget)."""
+
+    entry: MethodEntry
+    from_steps: int
+    base_hash: str
+    history: tuple[int, ...]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -241,6 +309,8 @@ class Loop:
     train (``loss(images, labels)``, optional ``param_groups()``) and :meth:`_run`."""
 
     lr_hint = "train.lr"  # what a non-finite loss message tells the user to lower
+    extended_from: tuple[int, ...] = ()  # budgets of the finished runs this one continues (Trainer)
+    continue_with = "--resume"  # the option that continues a stopped run
 
     def __init__(self, name: str, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator | None, progress: bool):
         self.name, self.cfg, self.run_dir = name, cfg, run_dir
@@ -251,6 +321,10 @@ class Loop:
         self.latents: MemoryLatents | DiskLatents | None = None
         self.ema: EMA | None = None
         self.step = 0
+        # training time that made the weights, summed over resumes (checkpointed in
+        # step.json): wall seconds in the loop, and device-seconds (wall × processes)
+        self.wall_s, self.device_s = 0.0, 0.0
+        self._segment: float | None = None  # perf_counter() when this launch's loop started
 
     @property
     def checkpoints(self) -> Path:
@@ -264,18 +338,25 @@ class Loop:
 
     def _prepare(self, module: torch.nn.Module) -> None:
         """Optimizer, schedule and EMA of ``module``'s trained parameters, prepared by
-        accelerate (DDP, device, mixed precision) and registered for checkpoints."""
+        accelerate (DDP, device, mixed precision) and registered for checkpoints; the
+        speed options of ``cfg`` (activation checkpointing, fused AdamW, compile) applied."""
+        if self.cfg.activation_checkpointing:
+            precision.checkpoint_activations(precision.checkpoint_blocks(
+                module, f"method '{self.name}' with train.activation_checkpointing = true"))
         raw = module.param_groups() if hasattr(module, "param_groups") else [{"params": list(module.parameters())}]
         groups = [
             {"params": [p for p in g["params"] if p.requires_grad], "lr": self.cfg.lr * g.get("lr_scale", 1.0)}
             for g in raw
         ]
-        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
+        opt = precision.adamw(groups, self.cfg.lr, self.cfg.betas, self.cfg.weight_decay, self.cfg.fused_adamw)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
         self.method = module
+        step = LossForward(module)
+        if self.cfg.compile:  # in place: checkpoints keep LossForward's keys (no _orig_mod.)
+            precision.compile_module(step)
         # the scheduler is stepped by hand once per optimizer step: accelerate's wrapper
         # would step it once per process, which changes the schedule with the world size
-        self.wrapped, self.opt = self.acc.prepare(LossForward(module), opt)
+        self.wrapped, self.opt = self.acc.prepare(step, opt)
         self.sched = sched
         self.acc.register_for_checkpointing(self.sched)
         self.ema = EMA(module, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
@@ -312,7 +393,7 @@ class Loop:
                                   "space and re-run with --resume") from exc
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            (tmp / "step.json").write_text(json.dumps({"step": self.step}))
+            (tmp / "step.json").write_text(json.dumps({"step": self.step, **self.state_record()}))
             write_manifest(tmp, self.step, self.hash)
             replace_dir(tmp, final)
             for old in list_checkpoints(root)[:-2]:  # keep the last two good checkpoints
@@ -333,14 +414,30 @@ class Loop:
         self._check_manifest(latest, manifest)
         self.acc.load_state(str(latest))
         self.step = int(manifest["step"])
+        record = _read_json(latest / "step.json") if (latest / "step.json").is_file() else {}
+        self.wall_s, self.device_s = float(record.get("train_wall_s", 0.0)), float(record.get("train_device_s", 0.0))
+        if self._continues(manifest):
+            # the optimizer holds the rate of the schedule it was trained under (a finished
+            # run ends at its minimum): set this run's rate at this step, as LambdaLR does
+            self.sched.last_epoch = self.step - 1
+            self.sched.step()
         return True
+
+    def _continues(self, manifest: dict[str, Any]) -> bool:
+        """Whether a checkpoint of another identity is one this run continues (the
+        finished run an extension starts from, :class:`Trainer`); none here."""
+        return False
+
+    def _stale_hint(self) -> str:
+        """What to add when a checkpoint of another config is refused."""
+        return ""
 
     def _check_manifest(self, ckpt: Path, manifest: dict[str, Any]) -> None:
         """--resume continues only a checkpoint of this very run and budget."""
-        if manifest.get("config_hash") != self.hash:
+        if manifest.get("config_hash") != self.hash and not self._continues(manifest):
             raise StaleError(
                 f"checkpoint {ckpt} was written by a run of another config (hash {manifest.get('config_hash')}, "
-                f"now {self.hash}); resuming would mix two runs' weights: pass --fresh to retrain"
+                f"now {self.hash}); resuming would mix two runs' weights: pass --fresh to retrain{self._stale_hint()}"
             )
         if int(manifest["step"]) > self.cfg.steps:
             raise StaleError(
@@ -411,6 +508,7 @@ class Loop:
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.name}",
                    disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
         t0, seen, last_ckpt = time.perf_counter(), 0, time.monotonic()
+        self._segment = t0
         while self.step < self.cfg.steps:
             loss, logs = self._optimizer_step()
             self.step += 1
@@ -425,12 +523,26 @@ class Loop:
                 bar.close()
                 self.save_checkpoint()
                 raise Preempted(f"{self.name}: stopped by {stop.name} at step {self.step}/{self.cfg.steps}; "
-                                f"checkpoint saved; continue with --resume", stop.signum)
+                                f"checkpoint saved; continue with {self.continue_with}", stop.signum)
             every = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
             if (every or overdue) and self.step < self.cfg.steps:
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
+        done = self.state_record()  # this launch's time joins the total
+        self.wall_s, self.device_s, self._segment = done["train_wall_s"], done["train_device_s"], None
         bar.close()
+
+    def state_record(self) -> dict[str, Any]:
+        """What a checkpoint's step.json keeps beside the step: the training time so far
+        (``train_wall_s``, ``train_device_s`` = wall × processes, summed over resumes; the
+        steps a preemption loses after the last checkpoint are not counted, as they made
+        no weight), this launch's processes and device type, and the budgets the run was
+        extended from (:func:`run_hash`)."""
+        running = time.perf_counter() - self._segment if self._segment is not None else 0.0
+        record = {"train_wall_s": self.wall_s + running,
+                  "train_device_s": self.device_s + running * self.acc.num_processes,
+                  "processes": self.acc.num_processes, "device": self.acc.device.type}
+        return {**record, "extended_from": list(self.extended_from)} if self.extended_from else record
 
     def _agree(self, stop: StopRequest, last_ckpt: float) -> tuple[bool, bool]:
         """(stop now?, time-based checkpoint due?) as one decision for every process: a
@@ -494,15 +606,24 @@ class Loop:
 class Trainer(Loop):
     """Trains one method entry of a workspace (run folder ``runs/<experiment>/<method>/``,
     identity :func:`run_hash`); what the method's components need fitted is fitted
-    first (:func:`spheregen.fit.fit_session`: a tokenizer spheregen trains)."""
+    first (:func:`spheregen.fit.fit_session`: a tokenizer spheregen trains).
 
-    def __init__(self, ws: Workspace, entry: MethodEntry, accelerator: Accelerator | None = None, progress: bool = True):
+    ``extension`` (:func:`spheregen.extension.extend`): ``entry`` is the new budget, and
+    training continues the finished run's last checkpoint under the identity that
+    records the budgets it was extended from."""
+
+    def __init__(self, ws: Workspace, entry: MethodEntry, accelerator: Accelerator | None = None, progress: bool = True,
+                 extension: Extension | None = None):
         self.ws = ws
         self.entry = entry
         super().__init__(entry.name, entry.train, ws.paths.run(entry.name), accelerator, progress)
-        self.hash = run_hash(ws, entry)
+        self.extension = extension
+        self.extended_from = extension.history if extension is not None else ()
+        self.hash = run_hash(ws, entry, self.extended_from)  # train() reads the folder's history
         self.seed, self.flip = ws.exp.seed, ws.exp.data.flip
         self.resume = False
+        if extension is not None:
+            self.continue_with = f"--extend-to {entry.train.steps}"
 
     # -- setup
 
@@ -556,10 +677,16 @@ class Trainer(Loop):
             check_owned(self.run_dir)
         self.acc.wait_for_everyone()
         if meta.is_file():
-            old = _read_json(meta).get("config_hash")
-            if old != self.hash:
+            record = _read_json(meta)
+            old = record.get("config_hash")
+            if self.extension is not None and old == self.extension.base_hash:
+                if self.acc.is_main_process:  # what names an interrupted extension (_stale_hint)
+                    atomic_write_json(meta, {**record, "extending": {"to_steps": self.cfg.steps,
+                                                                     "config_hash": self.hash}})
+            elif old != self.hash:
                 raise ConfigError(
-                    f"{self.run_dir} holds a run of a different config (hash {old}, now {self.hash}); "
+                    f"{self.run_dir} holds a run of a different config (hash {old}, now {self.hash}; "
+                    f"{run_differences(record, self.ws, self.entry)}); "
                     "pass --fresh to delete it and retrain, or rename the method"
                 )
         elif self.acc.is_main_process:
@@ -585,20 +712,58 @@ class Trainer(Loop):
             spec = self.ws.data.spec
             meta = {"config_hash": self.hash, "step": self.step, "entry": to_dict(self.entry),
                     "data": {"image_size": spec.image_size, "channels": spec.channels, "num_classes": spec.num_classes},
-                    "data_key": self.ws.data.key, "seed": self.ws.exp.seed, "experiment": self.ws.exp.name}
+                    "data_key": self.ws.data.key, "seed": self.ws.exp.seed, "experiment": self.ws.exp.name,
+                    "extended_from": list(self.extended_from), "train_cost": self.state_record()}
             write_final(path.parent, model, self.ema.state_dict() if self.ema is not None else None, meta)
+            if self.extension is not None:
+                self._record_extension()
         self.acc.wait_for_everyone()
         return path
+
+    def _record_extension(self) -> None:
+        """run.json takes the extended run's identity once its final weights are written
+        (until then the folder's final weights are the finished run's, and stay usable
+        under its config), with the history of budgets."""
+        meta = self.run_dir / "run.json"
+        record = {k: v for k, v in _read_json(meta).items() if k != "extending"}
+        ext = self.extension
+        history = [*record.get("history", []),
+                   {"from_steps": ext.from_steps, "from_hash": ext.base_hash, "to_steps": self.cfg.steps,
+                    "config_hash": self.hash, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        atomic_write_json(meta, {**record, "config_hash": self.hash, "method": to_dict(self.entry),
+                                 "extended_from": list(ext.history), "history": history})
+
+    def _continues(self, manifest: dict[str, Any]) -> bool:
+        ext = self.extension
+        return ext is not None and manifest.get("config_hash") == ext.base_hash \
+            and int(manifest["step"]) == ext.from_steps
+
+    def _stale_hint(self) -> str:
+        meta = self.run_dir / "run.json"
+        extending = _read_json(meta).get("extending") if meta.is_file() else None
+        if not extending:
+            return ""
+        to = extending["to_steps"]
+        return (f", or continue the extension of this run to {to} steps that wrote it: "
+                f"spheregen train {self.ws.exp.source} --method {self.entry.name} --extend-to {to}")
 
     # -- loop
 
     def train(self, resume: bool = False, fresh: bool = False) -> Path:
         self.resume = resume  # also continues an interrupted fit of the method's components
+        if self.extension is None and not fresh:
+            # weights this folder extended under this config keep their identity (e.g.
+            # --resume after a preemption); --fresh trains in one go whatever it held
+            self.extended_from = run_history(self.ws, self.entry)
+            self.hash = run_hash(self.ws, self.entry, self.extended_from)
         self._setup()  # builds everything first: a config or weights error writes nothing
         self._lock_run_dir()
         try:
             self._check_run_dir(resume, fresh)
-            self._run(resume)
+            # TF32 for the method's steps only: the fit stage and the latent cache (in
+            # _setup) are shared with runs without it
+            with precision.tf32(self.cfg.tf32):
+                self._run(resume)
             return self.save_final()
         finally:
             if self.lock is not None:
@@ -719,7 +884,8 @@ def load_trained(ws: Workspace, entry: MethodEntry, use_ema: bool = True, device
     if meta.get("config_hash") != expected:
         raise StaleError(
             f"{path} was trained with another config (hash {meta.get('config_hash')}, the experiment now gives "
-            f"{expected}): re-run `spheregen train {ws.exp.source} --method {entry.name}` (add --fresh to replace it)"
+            f"{expected}; {run_differences(meta, ws, entry)}): re-run "
+            f"`spheregen train {ws.exp.source} --method {entry.name}` (add --fresh to replace it)"
         )
     method = ws.build_method(entry, device)
     method.load_state_dict({**model, **ema} if use_ema and ema is not None else model)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from spheregen.data import to_uint8
 from spheregen.errors import SpheregenError, StaleError
 from spheregen.paths import atomic_write, ensure_free_space
+from spheregen.precision import sampling
 
 SHARDS_SUFFIX = ".shards"
 
@@ -70,7 +71,7 @@ def generate(sampler: Any, method: Any, labels: torch.Tensor, steps: int, guidan
         for i in mine:
             gen = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
             y = labels[i * batch:(i + 1) * batch].to(device)
-            with torch.no_grad():
+            with torch.no_grad(), sampling(device, meta.get("mixed_precision", "no")):  # as the identity records
                 yield to_uint8(sampler.sample(method, y, steps, guidance, gen)).cpu()
             bar.update()
 
@@ -133,13 +134,33 @@ def _remove_shards(path: Path, keep: Any) -> None:
 
 
 def sample_identity(train_hash: str, sampler: str, sampler_config: str | None, steps: int, guidance: float,
-                    ev: Any) -> dict[str, Any]:
+                    ev: Any, seed: int | None = None, num_samples: int | None = None) -> dict[str, Any]:
     """Everything a sample set depends on: the trained weights (run identity), the
     sampler and its options, steps, guidance and the eval settings that change which
-    images are drawn (seed, count, batch split, EMA)."""
+    images are drawn (``seed`` and ``num_samples``, default ``ev``'s; batch split, EMA)."""
     return {"train_hash": train_hash, "sampler": sampler, "sampler_config": sampler_config, "steps": steps,
-            "guidance": guidance, "seed": ev.seed, "num_samples": ev.num_samples, "batch_size": ev.batch_size,
-            "use_ema": ev.use_ema}
+            "guidance": guidance, "seed": ev.seed if seed is None else seed,
+            "num_samples": ev.num_samples if num_samples is None else num_samples, "batch_size": ev.batch_size,
+            "use_ema": ev.use_ema, **_precision(ev)}
+
+
+def _precision(ev: Any) -> dict[str, Any]:
+    """``eval.mixed_precision`` when it is set: :func:`generate` samples under the autocast
+    the identity records. Absent at "no", so sets drawn before the option stay current."""
+    return {"mixed_precision": ev.mixed_precision} if ev.mixed_precision != "no" else {}
+
+
+# identity keys written only when set (added after sample files existed): a file that
+# has one differs from an identity without it
+SET_ONLY_KEYS = ("mixed_precision",)
+
+
+def identity_differences(meta: dict[str, Any], expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (the file's value, the expected one)} where a sample set's identity ``meta``
+    differs from ``expected`` (a :func:`sample_identity`): on every key of ``expected``,
+    and on the :data:`SET_ONLY_KEYS` that either has."""
+    keys = [*expected, *(k for k in SET_ONLY_KEYS if k not in expected)]
+    return {k: (meta.get(k), expected.get(k)) for k in keys if meta.get(k) != expected.get(k)}
 
 
 # ---------------------------------------------------------------- reading
@@ -211,7 +232,7 @@ def open_samples(path: Path, expected: dict[str, Any] | None = None) -> SampleSe
         raise SpheregenError(f"{path} does not exist: run `spheregen sample` for this experiment first")
     samples = _open(path)
     if expected is not None:
-        differs = {k: (samples.meta.get(k), v) for k, v in expected.items() if samples.meta.get(k) != v}
+        differs = identity_differences(samples.meta, expected)
         if differs:
             what = "; ".join(f"{k}: file {a!r}, config {b!r}" for k, (a, b) in differs.items())
             raise StaleError(f"{path} was sampled under another config ({what}): re-run `spheregen sample` "

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from spheregen import compat
+from spheregen import compat, precision
 from spheregen.config import Component, make_component
 from spheregen.data import Data
 from spheregen.errors import ConfigError
@@ -77,12 +77,17 @@ class Workspace:
     def check_compatibility(self) -> None:
         """Refuse (ConfigError) a method entry whose sampler does not fit its method, for
         every entry, before anything trains: each method is built on the meta device
-        (:meth:`build_architecture`) and checked against its sampler's ``requires``."""
+        (:meth:`build_architecture`) and checked against its sampler's ``requires``, and
+        against :class:`~spheregen.interfaces.CheckpointableBlocks` where its
+        ``train.activation_checkpointing`` asks for it."""
         ctx = self._context(self.declared_spec(), torch.device("meta"), data=False)
         for entry in self.exp.methods:
             method, sampler = self.build_architecture(entry)
             compat.check_pair(f"{self.exp.source}: methods '{entry.name}'", entry.method.name, method,
                               self.sampler_name(entry, method), sampler, ctx)
+            if entry.train.activation_checkpointing:
+                precision.checkpoint_blocks(method, f"{self.exp.source}: method '{entry.name}' ({entry.method.name}) "
+                                                    "with train.activation_checkpointing = true")
 
     def build_method(self, entry: MethodEntry, device: torch.device | None = None) -> torch.nn.Module:
         return build_component("method", entry.method, self.build_context(device),
@@ -109,6 +114,7 @@ class Workspace:
             cache_dir=str(self.paths.cache),
             device=device or self.device,
             dataset_key=d.key,
+            mixed_precision=self.exp.eval.mixed_precision,
         )
 
     def build_metrics(self, device: torch.device | None = None) -> list[tuple[str, Any]]:

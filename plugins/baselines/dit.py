@@ -25,7 +25,8 @@ computes softmax(QKᵀ/√d)V with plain matmuls, which forward-mode AD (``torch
 needed by MeanFlow) can differentiate, unlike the fused kernels.
 
 Capabilities (spheregen.interfaces): NullMaskDenoiser (``drop``),
-ExplicitAttentionDenoiser (``attention``), and TwoTimeDenoiser when ``time_inputs = 2``.
+ExplicitAttentionDenoiser (``attention``), CheckpointableBlocks (its blocks, for
+``train.activation_checkpointing``), and TwoTimeDenoiser when ``time_inputs = 2``.
 
 Built by :func:`build_dit` from ``ctx.data``, which for a denoiser describes the tensors
 it sees: channels = D and image_size = h (= w). A latent method therefore builds its
@@ -230,6 +231,11 @@ class DiT(nn.Module):
         for layer in (self.final.ada[-1], self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, whose activations ``train.activation_checkpointing``
+        recomputes in the backward pass."""
+        return list(self.blocks)
 
     def label_index(self, labels: Tensor | None, batch: int, drop: Tensor | None, device: torch.device) -> Tensor:
         """Row of the label table per sample: the label, or ``num_classes`` (null) where

@@ -39,6 +39,7 @@ from torch import Tensor
 from spheregen.api import (
     BuildContext,
     Component,
+    ConfigError,
     ExplicitAttentionDenoiser,
     TokenizerDenoiserMethod,
     TwoTimeDenoiser,
@@ -94,6 +95,13 @@ class MeanFlow(TokenizerDenoiserMethod):
         super().__init__(tokenizer, denoiser, cfg.label_dropout, "meanflow")
         self.cfg = cfg
         self.explicit_attention = has(denoiser, ExplicitAttentionDenoiser)
+
+    def checkpoint_blocks(self) -> list[torch.nn.Module]:
+        """Refused: the loss runs the denoiser inside a forward-mode JVP, whose tangents
+        torch.utils.checkpoint does not replay when it recomputes a block (it then finds
+        other tensors saved than in the forward pass and fails in the backward)."""
+        raise ConfigError("meanflow's loss differentiates its denoiser in forward mode (torch.func.jvp), which "
+                          "activation checkpointing cannot recompute; set train.activation_checkpointing = false")
 
     def average_velocity(
         self,

@@ -48,7 +48,7 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_clip import MODEL_METADATA, MODEL_URLS, FeatureExtractorCLIP
 
-from spheregen.api import Column, MetricContext, require_hub_file
+from spheregen.api import Column, MetricContext, autocast, require_hub_file
 from spheregen_plugins.metrics import domain_classifier
 from spheregen_plugins.metrics.config import CmmdConfig, FeatureMetricConfig
 from spheregen_plugins.metrics.fidelity import (
@@ -57,6 +57,8 @@ from spheregen_plugins.metrics.fidelity import (
     ReferenceMemo,
     check_images,
     extract_layers,
+    precision_info,
+    precision_tag,
     resolve_features,
     shared_extractor,
 )
@@ -138,8 +140,8 @@ def resolve_embedding(cfg: CmmdConfig, ctx: MetricContext) -> tuple[FeatureSpace
             name="clip",
             extractor=cfg.clip_model,
             weights_path=path,
-            cache_tag=f"clip{digest[:8]}",
-            info=f"clip ({cfg.clip_model}, torch-fidelity {torch_fidelity.__version__})",
+            cache_tag=f"clip{digest[:8]}" + precision_tag(ctx),
+            info=f"clip ({cfg.clip_model}, torch-fidelity {torch_fidelity.__version__}{precision_info(ctx)})",
         )
         return space, CLIP_LAYER, digest[:16]
     space = resolve_features(
@@ -174,7 +176,7 @@ class CMMD:
         self.feature_info = self.space.info
         # batch size included: features are bit-exact only for equal batch composition
         self.batch_size = cfg.batch_size
-        self.feature_key = f"{self.space.extractor}:{self.layer}:{digest}:b{cfg.batch_size}"
+        self.feature_key = f"{self.space.extractor}:{self.layer}:{digest}:b{cfg.batch_size}{precision_tag(ctx)}"
         self.accuracy_key = f"{self.PREFIX}_features_accuracy"
         self.keys: tuple[str, ...] = ("cmmd",) + ((self.accuracy_key,) if self.space.accuracy is not None else ())
         self.extractor = shared_extractor(self.space, self.device)
@@ -188,7 +190,8 @@ class CMMD:
         """uint8 N×C×H×W -> {"embeddings": float32 N×D on the CPU}, raw (normalised in
         :meth:`score`), in batches of ``cfg.batch_size`` taken in order."""
         images = check_images("images", images)
-        layers = extract_layers(self.extractor, images, self.cfg.batch_size, self.device)
+        with autocast(self.device, self.ctx.mixed_precision):
+            layers = extract_layers(self.extractor, images, self.cfg.batch_size, self.device)
         return {FEATURES_KEY: layers.get(self.layer, torch.empty(0, self.dim)).float()}
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor]) -> dict[str, float]:

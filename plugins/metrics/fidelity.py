@@ -44,7 +44,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from spheregen.api import Column, ConfigError, MetricContext, atomic_write
+from spheregen.api import Column, ConfigError, MetricContext, atomic_write, autocast
 from spheregen_plugins.metrics import domain_classifier, inception
 from spheregen_plugins.metrics.config import FeatureMetricConfig
 
@@ -66,15 +66,17 @@ class FeatureSpace:
 
 
 def resolve_features(cfg: FeatureMetricConfig, ctx: MetricContext) -> FeatureSpace:
-    """The feature space ``cfg.features`` names, ready to use, or the error saying why not."""
+    """The feature space ``cfg.features`` names, ready to use, or the error saying why not.
+    Under ``ctx.mixed_precision`` its cache tag and label say so (:func:`precision_tag`)."""
     if cfg.features == "inception":
         path = inception.find_inception_weights()
         return FeatureSpace(
             name="inception",
             extractor=inception.EXTRACTOR,
             weights_path=path,
-            cache_tag="tf20151205",
-            info=f"inception ({inception.EXTRACTOR}, torch-fidelity {torch_fidelity.__version__})",
+            cache_tag="tf20151205" + precision_tag(ctx),
+            info=f"inception ({inception.EXTRACTOR}, torch-fidelity {torch_fidelity.__version__}"
+                 f"{precision_info(ctx)})",
         )
     trained = domain_classifier.ensure_classifier(cfg.classifier, ctx)
     domain_classifier.register_with_torch_fidelity()
@@ -82,10 +84,22 @@ def resolve_features(cfg: FeatureMetricConfig, ctx: MetricContext) -> FeatureSpa
         name="domain-classifier",
         extractor=domain_classifier.EXTRACTOR,
         weights_path=trained.path,
-        cache_tag=f"dc{trained.key}",
-        info=trained.info,
+        cache_tag=f"dc{trained.key}" + precision_tag(ctx),
+        info=trained.info + precision_info(ctx),
         accuracy=trained.test_accuracy,
     )
+
+
+def precision_tag(ctx: MetricContext) -> str:
+    """What ``[eval] mixed_precision`` adds to cache tags and feature keys ("" at "no"):
+    features extracted under bf16 autocast differ from fp32 ones, so neither may be served
+    for the other from a cache, nor fp32 reference statistics be read as bf16 ones."""
+    return "" if ctx.mixed_precision == "no" else f"-{ctx.mixed_precision}"
+
+
+def precision_info(ctx: MetricContext) -> str:
+    """What it adds to the feature space's label in reports."""
+    return "" if ctx.mixed_precision == "no" else f", {ctx.mixed_precision} autocast"
 
 
 def content_digest(images: Tensor) -> str:
@@ -240,8 +254,10 @@ class FidelityMetric:
         metrics read (``self.layers``; :func:`extract_layers`, batches of ``cfg.batch_size``)."""
         images = check_images("images", images)
         net = shared_extractor(self.space, self.ctx.device)
-        layers = extract_layers(net, images, self.cfg.batch_size, self.ctx.device)
-        return {k: v for k, v in layers.items() if k in self.layers}
+        with autocast(self.ctx.device, self.ctx.mixed_precision):
+            layers = extract_layers(net, images, self.cfg.batch_size, self.ctx.device)
+        # float32 whatever autocast made of a layer (numpy, which scores, has no bfloat16)
+        return {k: v.float() for k, v in layers.items() if k in self.layers}
 
     def score(self, sample_features: dict[str, Tensor], reference_features: dict[str, Tensor] | None) -> dict[str, float]:
         """Features from :meth:`extract` (shards concatenated) -> {public key: float}."""

@@ -170,6 +170,10 @@ class SphereEncoder(nn.Module):
             return editing.manipulate_class(self, images, classes)
         raise ValueError(f"unknown edit {op!r}; this method supports {list(self.edit_ops)}")
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The transformer blocks of encoder and decoder (``train.activation_checkpointing``)."""
+        return [*self.encoder.checkpoint_blocks(), *self.decoder.checkpoint_blocks()]
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Encoder at ``encoder_lr_scale`` (official 0.1), everything else at 1.0;
         frozen parameters (sin-cos positions) are left out."""

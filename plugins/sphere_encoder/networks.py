@@ -52,6 +52,10 @@ class _ViT(nn.Module):
             return None
         return self.label_embed(labels, batch).unsqueeze(1)
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The transformer blocks (``train.activation_checkpointing``)."""
+        return list(self.blocks)
+
     def run_blocks(self, tokens: Tensor, c: Tensor | None) -> Tensor:
         rope = (self.rope_cos, self.rope_sin)
         for blk in self.blocks:

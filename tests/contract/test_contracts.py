@@ -101,6 +101,46 @@ def test_method_contract(entry, tmp_path):
             sampler.nfe(bad, 1.0)
 
 
+@pytest.mark.parametrize("entry", entries("method"))
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(entry, tmp_path):
+    """A method that lists blocks for ``train.activation_checkpointing`` (and does not
+    refuse it with a ConfigError) trains the same with them checkpointed."""
+    from spheregen import precision
+    from spheregen.errors import ConfigError
+    from spheregen.interfaces import CheckpointableBlocks, has
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(entry.factory(tiny_config(entry), context(tmp_path)))
+    plain, ckpt = models
+    if not has(ckpt, CheckpointableBlocks):
+        pytest.skip(f"{entry.name} lists no blocks to checkpoint")
+    try:
+        precision.checkpoint_activations(precision.checkpoint_blocks(ckpt, entry.name))
+    except ConfigError:
+        pytest.skip(f"{entry.name} refuses activation checkpointing")
+    with torch.no_grad():  # no zero-init block: every block's gradients count
+        gen = torch.Generator().manual_seed(1)
+        for a, b in zip(plain.parameters(), ckpt.parameters()):
+            noise = 0.02 * torch.randn(a.shape, generator=gen)
+            a.add_(noise)
+            b.add_(noise)
+    images, labels = fake_train_data(8)
+    x = images.float() / 127.5 - 1
+    out = []
+    for model in (plain, ckpt):
+        torch.manual_seed(2)
+        loss, _ = model.loss(x, labels)
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(out[1][0], out[0][0])
+    for ga, gb in zip(out[0][1], out[1][1]):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            torch.testing.assert_close(gb, ga)
+
+
 @pytest.mark.parametrize("entry", entries("sampler"))
 def test_sampler_nfe_is_monotone(entry, tmp_path):
     sampler = entry.factory(tiny_config(entry), context(tmp_path))

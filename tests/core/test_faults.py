@@ -31,5 +31,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_experiment, tmp_path):
     last = "checkpoints/step-0000200/manifest.json"
     ma = json.loads((tmp_path / "ref" / "tiny" / "toy" / last).read_text())
     mb = json.loads((tmp_path / "killed" / "tiny" / "toy" / last).read_text())
-    assert ma["files"] == mb["files"] and any(n.startswith("random_states") for n in ma["files"])
+    # (step.json also records the training wall time, which differs)
+    state = lambda m: {k: v for k, v in m["files"].items() if k != "step.json"}  # noqa: E731
+    assert state(ma) == state(mb) and any(n.startswith("random_states") for n in ma["files"])
     assert any(n.startswith("optimizer") for n in ma["files"])
