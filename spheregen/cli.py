@@ -142,8 +142,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from spheregen.fit import describe, fit_experiment
 
     ws = _workspace(args)
-    results = fit_experiment(ws, _entries(ws, getattr(args, "method", None)), resume=args.resume,
-                             fresh=args.fresh and args.command == "fit")
+    entries = _entries(ws, getattr(args, "method", None))
+    if args.command == "run" and getattr(args, "jobs", 1) > 1:
+        # the methods' own components (a tokenizer) are fitted in the first job that
+        # trains on them, beside the other jobs; a second job needing one waits for it
+        entries = []
+    results = fit_experiment(ws, entries, resume=args.resume, fresh=args.fresh and args.command == "fit")
     for result in results:
         say(describe(result))
 
@@ -283,6 +287,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     # or an unusable feature space must fail before an hour of training, not after.
     # Fitted components are reused (--resume continues an interrupted fit; --fresh
     # retrains the methods, not what `spheregen fit --fresh` refits).
+    if args.jobs < 1:
+        raise SpheregenError(f"--jobs {args.jobs}: give a number of parallel jobs >= 1")
     args.clock = {}
     t0 = time.perf_counter()
     with _clock(args, "fit"):
@@ -290,8 +296,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics
     args.skip_trained = args.skip_current = not (args.resume or args.fresh)
-    if args.jobs < 1:
-        raise SpheregenError(f"--jobs {args.jobs}: give a number of parallel jobs >= 1")
     if args.jobs > 1:
         with _clock(args, f"train and sample ({args.jobs} jobs)"):
             _parallel_train_and_sample(args)

@@ -33,7 +33,7 @@ from spheregen.runner import run_differences, run_hash
 from spheregen.workspace import Workspace
 
 CACHE = "train_flops.json"
-COUNT_BATCH = 2  # images of the counted step: FLOPs per image do not depend on it
+COUNT_BATCH = 4  # images of the counted step: FLOPs per image do not depend on it (the Sphere Encoder needs >= 3)
 
 
 def training_cost(ws: Workspace, entry: MethodEntry) -> dict[str, Any]:

@@ -97,10 +97,21 @@ def results_current(ws: Workspace, entry: MethodEntry) -> bool:
     chosen = current_choice(ws, entry, sampler)
     if chosen is None:
         return False
-    want = {config_hash(expected_identity(ws, entry, sampler, spec)) for spec in scored_sets(ws, entry, chosen)}
-    have = {r["sample_hash"] for r in rows.iter_rows(named=True)
+    sets = scored_sets(ws, entry, chosen)
+    want = {(config_hash(expected_identity(ws, entry, sampler, spec)), _drawn(spec.path)) for spec in sets}
+    have = {(r["sample_hash"], r.get("sample_file_ns")) for r in rows.iter_rows(named=True)
             if r["eval_hash"] == eval_hash(ws, entry) and r["train_hash"] == run_hash(ws, entry)}
     return have == want and len(rows) == len(want)
+
+
+def _drawn(path: Path) -> int | None:
+    """When the sample file at ``path`` was written (ns): rows scored from an earlier draw
+    of the same identity (weights retrained elsewhere round differently; a report copied
+    with its experiment) are not current for a new draw."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def current_sets(ws: Workspace, entry: MethodEntry, sampler_name: str) -> list[SetSpec]:
@@ -451,7 +462,7 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
             with precision.autocast(device, ws.exp.eval.mixed_precision), precision.tf32(entry.train.tf32):
                 costs[key] = _cost_row(ws, entry, method, sampler, spec.steps, spec.guidance, device)
         row = {**base, "steps": spec.steps, "guidance": spec.guidance, "seed": spec.seed,
-               "num_samples": len(samples), "sample_hash": config_hash(identity)}
+               "num_samples": len(samples), "sample_hash": config_hash(identity), "sample_file_ns": _drawn(spec.path)}
         row.update(costs[key])
         row.update(scores)
         rows.append(row)

@@ -363,8 +363,12 @@ def _fit(spec: FitSpec, folder: Path, key: str, data_key: str, train_split: Call
     from spheregen.runner import PhaseTrainer
 
     st = distributed.state()
-    lock = DirLock(folder, f"fit folder of {spec.name}").acquire() if st.is_main_process else None
+    # another job of `run --jobs N` may be fitting the same component: wait for it, then
+    # load what it fitted instead of fitting it twice
+    lock = DirLock(folder, f"fit folder of {spec.name}").acquire(wait=True) if st.is_main_process else None
     try:
+        if _agreed(_is_fitted(folder, key)):
+            return
         if st.is_main_process:
             check_owned(folder)
             mark_owned(folder)

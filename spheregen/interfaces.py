@@ -582,7 +582,8 @@ class Column:
     reconstructions of the test split against the originals, stored as ``r<key>`` and
     shown as ``r<label>`` (rFID). ``headline``: the report's per-step table (``FID@k``),
     its plots against steps and GFLOPs and their Pareto front use the first headline
-    column present.
+    column present; a list of guidance scales is chosen by the first headline column
+    that also says which way is ``better`` (spheregen.selection).
     """
 
     key: str

@@ -1,13 +1,18 @@
 """Independent methods side by side: ``spheregen run --jobs N``.
 
 Each method's training and sampling is independent of the others' once the shared
-stages (data preparation, tokenizer and feature-extractor fitting) have run, so they run
-as jobs on submitit: its local executor on one machine (each job pinned to its share of
-the cores, or to its own GPU), its SLURM executor with ``--launcher slurm`` on a cluster.
-At most N jobs run at once. A job is one method: train (unless its weights exist for the
-same config), then sample (unless its sample files are current); evaluation and the
-report run afterwards in the calling process. Every job computes what a sequential run
-computes: at equal intra-op thread counts the results are bit-identical.
+stages have run, so they run as jobs on submitit: its local executor on one machine (each
+job pinned to its share of the cores, or to its own GPU), its SLURM executor with
+``--launcher slurm`` on a cluster. The calling process prepares the data and fits the
+metrics' feature extractors first; a component of the methods (a tokenizer spheregen
+trains) is fitted by the first job that trains on it, while the other jobs run, and a
+job that needs it meanwhile waits for that fit and loads it (the fit folder's lock), so
+it is fitted once. Jobs start in the experiment file's order, at most N at once: list a
+method whose job fits a shared tokenizer early. A job is one method: train (unless its
+weights exist for the same config), then sample (unless its sample files are current);
+evaluation and the report run afterwards in the calling process. Every job computes
+what a sequential run computes: at equal intra-op thread counts the results are
+bit-identical.
 
 A failing job is reported with its log and the tail of its error; the others finish and
 keep their results.
@@ -89,7 +94,10 @@ def make_executor(launcher: str, folder: Path, options: dict[str, Any]) -> Any:
     import submitit
 
     if launcher == "local":
-        return submitit.LocalExecutor(folder)
+        executor = submitit.LocalExecutor(folder)
+        # submitit's local default is a 2-minute limit, after which it kills the job
+        executor.update_parameters(timeout_min=options.get("time_min") or 7 * 24 * 60)
+        return executor
     if launcher != "slurm":
         raise SpheregenError(f"--launcher {launcher!r}: choose local or slurm")
     executor = submitit.AutoExecutor(folder, cluster="slurm")

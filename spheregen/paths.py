@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -175,20 +176,28 @@ class DirLock:
         self.path = folder / LOCK
         self._fd: int | None = None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self, wait: bool = False) -> "DirLock":
+        """Take the lock; held by another process: a SpheregenError, or with ``wait``
+        block until it is released (saying so on stderr)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
                 raise
-            raise SpheregenError(
-                f"{self.what} {self.folder} is in use by another spheregen process ({_holder(path)}); "
-                "wait for it to finish or stop it first: two writers would mix their results"
-            ) from None
+            if wait:
+                print(f"spheregen: waiting for {self.what} {self.folder}, in use by another spheregen process "
+                      f"({_holder(path)})", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise SpheregenError(
+                    f"{self.what} {self.folder} is in use by another spheregen process ({_holder(path)}); "
+                    "wait for it to finish or stop it first: two writers would mix their results"
+                ) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())

@@ -419,7 +419,8 @@ def plot_guidance(head: Column, g: pl.DataFrame, label: str, out: Path, suffix: 
     for ax in list(axes.flat)[len(steps):]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel(f"{label} ({head.better} is better)" if head.better else label)
+        ax.set_ylabel(f"{head.label} ({head.better} is better)" if head.better else head.label)
+    fig.suptitle(f"{label} on the guidance-choice seed; the chosen scale ringed", fontsize=9)
     axes.flat[0].legend(loc="upper left", bbox_to_anchor=(cols * 1.08 + 0.1, 1.0), fontsize=8, frameon=False)
     path = out / f"{head.key}_vs_guidance{suffix}.png"
     _save_fig(fig, path)
@@ -440,7 +441,7 @@ def guidance_blocks(ws: Workspace, df: pl.DataFrame, out: Path, suffix: str = ""
         ("p", f"Each method was sampled at every listed guidance scale with seed {ev.guidance_seed} ({n} samples "
               f"each; never scored in the tables above), and per step count the scale with the best {head.label} "
               "there (bold) is the one drawn with the scored seeds."),
-        ("table", *guidance_table(head, g, df, label)),
+        ("table", *guidance_table(head, g, df, head.label)),
         ("images", [(plot_guidance(head, g, label, out, suffix).name, f"{head.label} vs guidance")]),
     ]
 
@@ -853,20 +854,20 @@ def readme_markers(ws: Workspace) -> tuple[str, str]:
 
 
 def readme_block(ws: Workspace) -> str:
-    """The tables a README shows of this experiment, from its results files alone: the
-    by-steps table of each dataset (mean ± std over seeds), the class accuracy per step
-    count when a metric reports it, the best-guidance choices and the tokenizer table."""
+    """The tables a README shows of this experiment, from its results files alone, per
+    dataset: the by-steps table of the headline metric with GFLOPs (mean ± std over
+    seeds), one by-steps table of each other metric column that says which way is
+    better, the best-guidance choices; then the tokenizer table."""
     df = over_seeds(ws, read_results(ws))
     parts = []
     for dataset, part in by_dataset(ws, df):
-        table = steps_rows(part, headline(ws, part))
-        if table is not None:
-            parts.append(_md_table(*table))
-        accuracy = next((c for c in metric_columns(ws, part.columns) if c.key == "class_accuracy"), None)
-        if accuracy is not None:
-            parts.append(_md_table(*steps_rows(part, accuracy, with_gflops=False)))
-        g = read_guidance(ws, part)
         head = headline(ws, part)
+        if head is not None:
+            parts.append(_md_table(*steps_rows(part, head)))
+        for col in metric_columns(ws, part.columns):
+            if col.better is not None and col is not head:
+                parts.append(_md_table(*steps_rows(part, col, with_gflops=False)))
+        g = read_guidance(ws, part)
         if g is not None and head is not None:
             parts.append(_md_table(*guidance_table(head, g, part, head.label)))
     toks = read_tokenizers(ws.paths.report)

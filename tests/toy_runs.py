@@ -36,3 +36,17 @@ def assert_same_final(a: Path, b: Path) -> None:
         assert fa[part].keys() == fb[part].keys()
         for k in fa[part]:
             assert torch.equal(fa[part][k], fb[part][k]), (part, k)
+
+
+def dirs(root: Path) -> list[str]:
+    """--runs-dir / --reports-dir options for a test's own folders under ``root``."""
+    return ["--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")]
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """``spheregen ARGS`` in process -> (exit code, stderr)."""
+    from spheregen.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err

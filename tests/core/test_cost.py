@@ -62,3 +62,20 @@ def test_wall_time_survives_a_resume(trained):
     c = training_cost(ws, entry)
     assert 1000 < c["train_wall_s"] < 1300  # the recorded 1,000 s plus steps 4-6 of this launch
     assert c["train_device_hours"] == pytest.approx(c["train_wall_s"] / 3600)
+
+
+def test_every_builtin_method_is_counted(toy_registries, tiny_experiment, tmp_path):
+    """The counted step runs each built-in method's real loss (the Sphere Encoder's
+    stratified noise needs at least 3 images per batch)."""
+    from spheregen import cost
+
+    methods = '''[[methods]]
+name = "se"
+method = { name = "sphere-encoder", size = "tiny", patch_size = 4, compression_ratio = 1.5, mixer_depth = 1 }
+[[methods]]
+name = "fm"
+method = { name = "flow-matching", tokenizer = { name = "patch", patch_size = 1 }, denoiser = { name = "dit", width = 32, depth = 1, heads = 2, patch_size = 2 } }
+'''
+    ws = Workspace(load_experiment(tiny_experiment(methods=methods)), tmp_path / "runs", tmp_path / "reports")
+    for entry in ws.exp.methods:
+        assert cost.per_image_flops(ws, entry) > 0, entry.name

@@ -14,21 +14,11 @@ import pytest
 import torch
 
 from spheregen.artifacts import read_final
-from spheregen.cli import main
 from spheregen.experiment import load_experiment
 from spheregen.workspace import Workspace
+from toy_runs import dirs, run_main
 
 SIX = ("--set", "methods.toy.train.steps=6")
-
-
-def dirs(root: Path) -> list[str]:
-    return ["--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")]
-
-
-def run_main(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
 
 
 def four_steps(tiny_experiment, root: Path) -> Path:

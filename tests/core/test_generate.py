@@ -85,11 +85,18 @@ def test_run_skips_sampling_and_scoring_whose_inputs_did_not_change(run, tmp_pat
     out = capsys.readouterr().out
     assert "samples up to date" in out and "results up to date" in out
     assert (samples.stat().st_mtime_ns, results.stat().st_mtime_ns) == before
+    # a new draw of the same identity (deleted samples, weights retrained elsewhere) is re-scored
+    samples.unlink()
+    assert main(["run", str(exp), *dirs]) == 0
+    out = capsys.readouterr().out
+    assert "samples up to date" not in out and "results up to date" not in out
+    assert results.stat().st_mtime_ns != before[1]
     # a new guidance re-samples and re-scores that method only; the weights are reused
+    drawn = samples.stat().st_mtime_ns
     assert main(["run", str(exp), *dirs, "--set", "methods.toy.guidance=2.0"]) == 0
     out = capsys.readouterr().out
     assert "already trained" in out and "up to date" not in out
-    assert samples.stat().st_mtime_ns != before[0]
+    assert samples.stat().st_mtime_ns != drawn
 
 
 def test_run_reports_where_its_time_went(run, tmp_path, capsys):

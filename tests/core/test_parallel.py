@@ -34,7 +34,7 @@ method = { name = "flow-matching", tokenizer = { name = "patch", patch_size = 1 
 guidance = 2.0
 '''
 TIMING = {"images_per_s", "latency_s", "latency_b1_s", "peak_memory_mb", "torch_threads",
-          "train_wall_s", "train_device_hours"}  # measured times
+          "train_wall_s", "train_device_hours", "sample_file_ns"}  # measured or file times
 
 
 def _run(tmp_path, name, *extra):
@@ -70,3 +70,35 @@ def test_a_failing_job_keeps_the_others(tmp_path, capsys, monkeypatch):
 def test_jobs_must_be_positive(tmp_path, capsys):
     assert _run(tmp_path, "x", "--jobs", "0") == 2
     assert "--jobs 0" in capsys.readouterr().err
+
+
+def test_a_fit_waits_for_the_job_fitting_the_same_component(tmp_path, capsys):
+    """Two jobs needing one tokenizer: the second waits on the fit folder's lock (and
+    then finds the component fitted) instead of failing or fitting it twice."""
+    import threading
+
+    from spheregen.errors import SpheregenError
+    from spheregen.paths import DirLock
+
+    holder = DirLock(tmp_path, "fit folder of rae").acquire()
+    with pytest.raises(SpheregenError, match="in use by another spheregen process"):
+        DirLock(tmp_path, "fit folder of rae").acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(DirLock(tmp_path, "fit folder of rae").acquire(wait=True)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not got  # blocked while the other holds it
+    holder.release()
+    waiter.join(10)
+    assert got and not waiter.is_alive()
+    got[0].release()
+    assert "waiting for fit folder of rae" in capsys.readouterr().err
+
+
+def test_local_jobs_have_no_two_minute_limit(tmp_path):
+    """submitit's local executor kills a job after 2 minutes unless told otherwise: a
+    quickstart job trains for several."""
+    from spheregen.parallel import make_executor
+
+    assert make_executor("local", tmp_path, {}).parameters["timeout_min"] >= 24 * 60
+    assert make_executor("local", tmp_path, {"time_min": 90}).parameters["timeout_min"] == 90

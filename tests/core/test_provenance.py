@@ -22,17 +22,7 @@ import torch
 from PIL import Image
 
 from spheregen.cli import main
-from toy_runs import assert_same_final, start_toy_train, toy_cli
-
-def dirs(root: Path) -> list[str]:
-    return ["--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")]
-
-
-def run_main(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
+from toy_runs import assert_same_final, dirs, run_main, start_toy_train, toy_cli
 
 def edited(path: Path, old: str, new: str) -> Path:
     text = path.read_text()
