@@ -20,7 +20,7 @@ JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -ge 2 ]; then echo 2
 
 quickstart: install
 	# --threads 1: these small models train faster on one thread than on two (the domain
-	# classifier's fit: 85 s at 2 threads, ~35 s at 1, 2026-11-29)
+	# classifier's fit in this run: 85 s at 2 threads, 52-70 s at 1 in four runs, 2026-11-29)
 	$(BIN)/spheregen run experiments/quickstart.toml --jobs $(JOBS) --threads 1
 
 test: install

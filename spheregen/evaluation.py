@@ -99,8 +99,9 @@ def results_current(ws: Workspace, entry: MethodEntry) -> bool:
         return False
     sets = scored_sets(ws, entry, chosen)
     want = {(config_hash(expected_identity(ws, entry, sampler, spec)), _drawn(spec.path)) for spec in sets}
+    current = eval_hash(ws, entry), run_hash(ws, entry)  # run_hash reads the run folder: once
     have = {(r["sample_hash"], r.get("sample_file_ns")) for r in rows.iter_rows(named=True)
-            if r["eval_hash"] == eval_hash(ws, entry) and r["train_hash"] == run_hash(ws, entry)}
+            if (r["eval_hash"], r["train_hash"]) == current}
     return have == want and len(rows) == len(want)
 
 

@@ -171,8 +171,8 @@ def choose_guidance(ws: Workspace, entry: MethodEntry, method: Any, sampler: Any
 
 
 def record_rows(ws: Workspace, entry: MethodEntry) -> list[dict[str, Any]]:
-    """The rows of the current guidance record (for guidance.parquet), tagged with the
-    entry's eval identity; [] for a single scale."""
+    """The rows of the entry's guidance record (for guidance.parquet), each with the
+    criterion it was chosen by; [] for a single scale."""
     if len(ws.exp.guidances_for(entry)) == 1:
         return []
     record = read_record(ws, entry) or {"rows": []}

@@ -55,7 +55,7 @@ def require_hub_file(names: str | Sequence[str], url: str, needed_for: str, alte
             directory.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(target), progress=True)
             return target
-        except Exception as exc:  # no network, a proxy, a 404: one message, no library traceback
+        except (OSError, RuntimeError, ValueError) as exc:  # no network, a proxy, a 404, a bad hash: one message
             why = f"downloading it from {url} failed ({type(exc).__name__}: {str(exc)[:200]})"
     also = "".join(f" (or the identical '{n}')" for n in names[1:])
     raise WeightsError(

@@ -110,6 +110,15 @@ def content_digest(images: Tensor) -> str:
     return h.hexdigest()
 
 
+def cached_tensors(path: Path, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The tensors saved at ``path``, else ``compute()`` saved there (atomically) first."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    tensors = compute()
+    atomic_write(path, lambda p: torch.save(tensors, p))
+    return tensors
+
+
 def check_images(name: str, images: Any) -> Tensor:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
@@ -182,12 +191,8 @@ class ReferenceCache:
             return memo[2]
         dataset = domain_classifier.slug(self.ctx.dataset_key)
         name = f"spheregen-ref-{dataset}-{content_digest(reference)}-{self.tag}"
-        path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
-        if path.is_file():
-            features = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            features = self.extract(reference)
-            atomic_write(path, lambda p: torch.save(features, p))
+        features = cached_tensors(Path(self.ctx.cache_dir) / "features" / f"{name}.pt",
+                                  lambda: self.extract(reference))
         self._recent[key] = (reference, reference._version, features)
         self._recent.move_to_end(key)
         while len(self._recent) > self.KEEP:
@@ -332,12 +337,8 @@ class FID(FidelityMetric):
         if reference.key not in self._streamed:
             name = f"spheregen-refstats-{domain_classifier.slug(reference.key)}-{self.space.cache_tag}-" \
                    f"{self.layer}-b{self.cfg.batch_size}"
-            path = Path(self.ctx.cache_dir) / "features" / f"{name}.pt"
-            if path.is_file():
-                stats = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                stats = self._stream(reference)
-                atomic_write(path, lambda p: torch.save(stats, p))
+            stats = cached_tensors(Path(self.ctx.cache_dir) / "features" / f"{name}.pt",
+                                   lambda: self._stream(reference))
             self._streamed[reference.key] = {k: v.numpy() for k, v in stats.items() if k in ("mu", "sigma")}
         return self._streamed[reference.key]
 
