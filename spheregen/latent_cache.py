@@ -72,7 +72,7 @@ def _loader(examples: Examples, workers: int, batches: list[int] | None = None) 
 
 @torch.no_grad()
 def _encode(method: Any, images: torch.Tensor, flip: bool, device: torch.device) -> list[torch.Tensor]:
-    x = to_float(images).to(device)
+    x = to_float(images.to(device, non_blocking=True))
     return [method.encode(x)] + ([method.encode(x.flip(-1))] if flip else [])
 
 
@@ -122,6 +122,14 @@ class DiskLatents:
     def __init__(self, folder: Path, orientations: int):
         self.folder = folder
         self.arrays = [np.load(folder / f"latents-{o}.npy", mmap_mode="r") for o in range(orientations)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker started by spawn maps the files again: pickling a memmap
+        # would copy the whole array into the message
+        return {"folder": self.folder, "orientations": len(self.arrays)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"], state["orientations"])
 
     @classmethod
     def open(cls, method: Any, examples: Examples, flip: bool, device: torch.device, folder: Path,

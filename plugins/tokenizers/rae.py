@@ -227,7 +227,8 @@ class TokenDecoder(nn.Module):
     def forward(self, tokens: Tensor, keep: Tensor | None = None) -> Tensor:
         x = self.embed(tokens)
         if keep is not None:
-            full = self.mask_token.expand(x.shape[0], self.grid * self.grid, -1).clone()
+            # in x's dtype: under bf16 autocast the embedding is bf16 and the parameter fp32
+            full = self.mask_token.to(x.dtype).expand(x.shape[0], self.grid * self.grid, -1).clone()
             x = full.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
         return self.head(self.trunk(x + self.pos))
 

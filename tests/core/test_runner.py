@@ -153,14 +153,18 @@ def test_frozen_tokenizer_latents_are_encoded_once(toy_registries, tiny_experime
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_latents_beyond_the_memory_cap_go_to_disk_and_train_identically(toy_registries, tiny_experiment,
-                                                                        tmp_path):
+                                                                        tmp_path, workers):
+    """Disk latents are read ahead by ``workers`` loader processes (0: in the training
+    process) and give the same losses as latents held in memory."""
     from spheregen.latent_cache import DiskLatents, MemoryLatents
 
     memory = tiny_experiment("", LATENT)
     memory.write_text(memory.read_text().replace("channels = 1\n", "channels = 1\nflip = true\n"))
     capped = tmp_path / "capped.toml"
-    capped.write_text(memory.read_text().replace("[eval]", "cache_latents_max_gb = 1e-9\n[eval]", 1))
+    capped.write_text(memory.read_text().replace(
+        "[eval]", f"cache_latents_max_gb = 1e-9\nnum_workers = {workers}\n[eval]", 1))
     a, b = _trainer(memory, tmp_path, "mem"), _trainer(capped, tmp_path, "disk")
     a.train()
     b.train()
@@ -212,6 +216,12 @@ def test_an_interrupted_latent_extraction_resumes(toy_registries, tiny_experimen
     assert len(done_before) == n_batches
     for o in (0, 1):
         assert np.array_equal(resumed.arrays[o], whole.arrays[o])
+    # a loader worker started by spawn re-maps the files instead of receiving the arrays
+    import pickle
+
+    state = pickle.dumps(whole)
+    assert len(state) < 1000 < whole.arrays[0].nbytes
+    assert np.array_equal(pickle.loads(state).arrays[1], whole.arrays[1])
 
 
 

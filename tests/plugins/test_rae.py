@@ -169,3 +169,15 @@ def test_same_config_same_tokenizer_and_caller_rng_untouched():
     b = build_rae(RAEConfig.tiny(), context(None))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(a.decode(a.encode(x)), b.decode(b.encode(x)))
+
+
+def test_masked_decoding_runs_under_bf16_autocast():
+    """The MAE fit phase under `mixed_precision = "bf16"`: the embedded visible tokens
+    are bf16 while the mask token is an fp32 parameter (a CUDA run failed on this)."""
+    dec = rae.TokenDecoder(latent_dim=8, grid=4, patch=2, channels=1, width=16, depth=1, heads=2)
+    tokens, keep = torch.randn(2, 6, 8), torch.stack([torch.randperm(16)[:6] for _ in range(2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(tokens, keep)
+    assert out.shape == (2, 16, 4) and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert dec.mask_token.grad is not None and dec.mask_token.grad.abs().sum() > 0
