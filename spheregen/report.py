@@ -547,6 +547,8 @@ def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
         path = out / grid_name(method, steps)
         atomic_write(path, lambda p: img.save(p, format="PNG"))
         paths.append(path)
+    for old in set(out.glob(grid_name("*", "*"))) - set(paths):  # a method or step count no longer run
+        old.unlink()
     return paths
 
 

@@ -134,6 +134,19 @@ def _with_old_users(old_file: pl.DataFrame | None, rows: list[dict[str, Any]], k
     return rows + extra
 
 
+def _unreplaced(old: pl.DataFrame, fresh: pl.DataFrame, keep: list[str]) -> pl.DataFrame:
+    """The old tokenizer rows that still stand: not re-scored now, and used only by
+    methods of the experiment that got no new tokenizer row (a retrained Sphere Encoder's
+    autoencoder, or one scored with other features, replaces its old row)."""
+    users_now = {m for ms in fresh["methods"].to_list() for m in str(ms).split(", ")}
+    hashes_now = set(fresh["config_hash"].to_list())
+
+    def stands(row: dict[str, Any]) -> bool:
+        users = set(str(row["methods"]).split(", "))
+        return row["config_hash"] not in hashes_now and not users & users_now and bool(users & set(keep))
+    return old.filter(pl.Series([stands(r) for r in old.iter_rows(named=True)], dtype=pl.Boolean))
+
+
 def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = (),
                   guidance_rows: list[dict[str, Any]] = ()) -> Path:
     """Write results.parquet (and tokenizers.parquet when there are reconstruction rows,
@@ -153,7 +166,7 @@ def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict
         old_file = _read_or_set_aside(tok_path)
         tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
         if old_file is not None:  # tokenizers not re-scored now keep their rows
-            old = old_file.filter(~pl.col("config_hash").is_in(tokens["config_hash"].to_list()))
+            old = _unreplaced(old_file, tokens, names)
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
         atomic_write(tok_path, lambda p: tokens.write_parquet(p))
     atomic_write_json(report / "config.resolved.json", {

@@ -78,3 +78,24 @@ def test_reevaluating_one_method_keeps_the_tokenizer_users(toy_registries, tiny_
     write_results(ws, [{"method": "toy", "steps": 1}], [{**tok, "methods": "toy", "rfid": 2.0}])
     rows = pl.read_parquet(ws.paths.report / "tokenizers.parquet").to_dicts()
     assert len(rows) == 1 and rows[0]["methods"] == "toy, toy2" and rows[0]["rfid"] == 2.0
+
+
+def test_a_rescored_tokenizer_replaces_its_old_row(toy_registries, tiny_experiment, tmp_path):
+    """A method's tokenizer scored again under another identity (retrained weights, other
+    features) replaces the old row instead of standing beside it; a tokenizer of a method
+    that was not re-evaluated keeps its row."""
+    import attrs
+
+    from spheregen.results import write_results
+    from spheregen.experiment import load_experiment
+    from spheregen.workspace import Workspace
+
+    exp = load_experiment(tiny_experiment())
+    exp = attrs.evolve(exp, methods=(exp.methods[0], attrs.evolve(exp.methods[0], name="toy2")))
+    ws = Workspace(exp, tmp_path / "runs", tmp_path / "reports")
+    tok = {"tokenizer": "t", "rfid": 1.0, "psnr": 20.0, "num_images": 5, "features": "f"}
+    write_results(ws, [{"method": "toy", "steps": 1}, {"method": "toy2", "steps": 1}],
+                  [{**tok, "config_hash": "old", "methods": "toy"}, {**tok, "config_hash": "two", "methods": "toy2"}])
+    write_results(ws, [{"method": "toy", "steps": 1}], [{**tok, "config_hash": "new", "methods": "toy", "rfid": 2.0}])
+    rows = {r["config_hash"]: r for r in pl.read_parquet(ws.paths.report / "tokenizers.parquet").to_dicts()}
+    assert set(rows) == {"new", "two"} and rows["new"]["rfid"] == 2.0

@@ -120,6 +120,18 @@ def test_rebuilt_from_the_parquet_files_alone(ws):
     assert "data" not in ws.__dict__  # the dataset was never built
 
 
+def test_grids_of_step_counts_no_longer_run_are_removed(ws):
+    stale = ws.paths.report / "grid_ae-a_steps99.png"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"old")
+    other = ws.paths.report / "notes.png"  # not the report's: left alone
+    other.write_bytes(b"mine")
+    build_report(ws)
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in ws.paths.report.glob("grid_*.png")) == sorted(
+        f"grid_{method}_steps{steps}.png" for method, steps, *_ in ROWS)
+
+
 def test_missing_sample_file_names_it(ws):
     missing = ws.paths.samples("ae-b", 2)
     missing.unlink()
