@@ -99,8 +99,11 @@ def prepare_image(image: Any, size: int, channels: int, fit: str) -> Tensor:
 
 
 def to_float(images: Tensor) -> Tensor:
-    """uint8 B×C×H×W -> float in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
+    """uint8 B×C×H×W -> float in [-1, 1], the same bits on every device: the divisor is
+    a 0-dim tensor on the images' device, because CUDA divides by a Python number as a
+    multiplication by its reciprocal (1 ulp off the CPU's quotient for 111 of the 256
+    values), and a batch converted on the GPU must equal one converted on the CPU."""
+    return images.float().div(torch.full((), 127.5, device=images.device)).sub(1.0)
 
 
 def to_uint8(images: Tensor) -> Tensor:

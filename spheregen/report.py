@@ -512,6 +512,9 @@ def _grid_keys(df: pl.DataFrame) -> list[tuple[str, int]]:
     return df.select("method", "steps").unique().sort(["method", "steps"]).rows()
 
 
+GRID_FILE = re.compile(r"grid_.+_steps\d+\.png")
+
+
 def grid_name(method: str, steps: int) -> str:
     return f"grid_{method}_steps{steps}.png"
 
@@ -547,8 +550,9 @@ def write_grids(ws: Workspace, df: pl.DataFrame, out: Path) -> list[Path]:
         path = out / grid_name(method, steps)
         atomic_write(path, lambda p: img.save(p, format="PNG"))
         paths.append(path)
-    for old in set(out.glob(grid_name("*", "*"))) - set(paths):  # a method or step count no longer run
-        old.unlink()
+    for old in set(out.glob("grid_*_steps*.png")) - set(paths):  # a method or step count no longer run
+        if old.is_file() and GRID_FILE.fullmatch(old.name):  # only names this function writes
+            old.unlink()
     return paths
 
 

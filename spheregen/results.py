@@ -135,16 +135,18 @@ def _with_old_users(old_file: pl.DataFrame | None, rows: list[dict[str, Any]], k
 
 
 def _unreplaced(old: pl.DataFrame, fresh: pl.DataFrame, keep: list[str]) -> pl.DataFrame:
-    """The old tokenizer rows that still stand: not re-scored now, and used only by
-    methods of the experiment that got no new tokenizer row (a retrained Sphere Encoder's
-    autoencoder, or one scored with other features, replaces its old row)."""
+    """The old tokenizer rows that still stand: not re-scored now, each listing only its
+    users that got no new tokenizer row and are still in the experiment (a retrained
+    Sphere Encoder's autoencoder, or one scored with other features, replaces its old
+    row; a tokenizer shared with a method that was not re-evaluated keeps that user)."""
     users_now = {m for ms in fresh["methods"].to_list() for m in str(ms).split(", ")}
     hashes_now = set(fresh["config_hash"].to_list())
-
-    def stands(row: dict[str, Any]) -> bool:
-        users = set(str(row["methods"]).split(", "))
-        return row["config_hash"] not in hashes_now and not users & users_now and bool(users & set(keep))
-    return old.filter(pl.Series([stands(r) for r in old.iter_rows(named=True)], dtype=pl.Boolean))
+    rows = []
+    for row in old.iter_rows(named=True):
+        users = [m for m in str(row["methods"]).split(", ") if m not in users_now and m in keep]
+        if row["config_hash"] not in hashes_now and users:
+            rows.append({**row, "methods": ", ".join(users)})
+    return pl.from_dicts(rows, schema=old.schema) if rows else old.clear()
 
 
 def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict[str, Any]] = (),

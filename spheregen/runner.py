@@ -216,15 +216,18 @@ def train_batches(examples: Examples, cache: DiskLatents | None, micro: int, ran
     from its memory maps; pinned and copied ahead on CUDA (:func:`device_prefetch`)."""
     # its own generator: a DataLoader draws its workers' base seed when iterated, and
     # from the global RNG that would shift every later noise draw of a resumed run
-    common: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                                  prefetch_factor=4 if workers else None, generator=torch.Generator())
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     if cache is not None:
+        # 2 batches ahead per worker: a latent batch is large (201 MB for 256 DINOv2-B
+        # latents) and each one waiting sits in shared memory
         data = LatentBatches(cache, examples.labels, len(examples), micro, rank, world, seed, flip)
-        yield from device_prefetch(iter(DataLoader(data, sampler=range(start, end), batch_size=None, **common)),
-                                   device)
+        loader = DataLoader(data, sampler=range(start, end), batch_size=None, prefetch_factor=2 if workers else None,
+                            **common)
+        yield from device_prefetch(iter(loader), device)
         return
     sampler = StepSampler(len(examples), micro, rank, world, seed, start, end)
-    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, **common)
+    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=collate, prefetch_factor=4 if workers else None,
+                        **common)
     for k, (images, labels) in enumerate(device_prefetch(iter(loader), device), start):
         yield prepare_batch(images, labels, flip, seed, k, device)
 

@@ -41,6 +41,15 @@ def test_uint8_roundtrip():
     assert torch.equal(to_uint8(to_float(x)), x)
 
 
+def test_to_float_is_the_true_quotient_of_every_value():
+    """x / 127.5 - 1 as IEEE division (what the CPU computed before the conversion moved to
+    the device; tests/gpu checks CUDA gives the same bits)."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    expected = torch.tensor([np.float32(v) / np.float32(127.5) - np.float32(1) for v in range(256)],
+                            dtype=torch.float32).view(1, 1, 16, 16)
+    assert torch.equal(to_float(values), expected)
+
+
 def test_embedded_datasets_and_holdout(tmp_path):
     cfg = DataConfig(source=make_component("dataset", "mnist-5k"), fit="pad")
     data = Data(cfg, build_component("dataset", cfg.source, None), tmp_path)

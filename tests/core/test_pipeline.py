@@ -99,3 +99,10 @@ def test_a_rescored_tokenizer_replaces_its_old_row(toy_registries, tiny_experime
     write_results(ws, [{"method": "toy", "steps": 1}], [{**tok, "config_hash": "new", "methods": "toy", "rfid": 2.0}])
     rows = {r["config_hash"]: r for r in pl.read_parquet(ws.paths.report / "tokenizers.parquet").to_dicts()}
     assert set(rows) == {"new", "two"} and rows["new"]["rfid"] == 2.0
+    # a tokenizer shared by both methods: re-scoring one method under a new identity
+    # leaves the old row to the other
+    write_results(ws, [{"method": "toy", "steps": 1}, {"method": "toy2", "steps": 1}],
+                  [{**tok, "config_hash": "shared", "methods": "toy"}, {**tok, "config_hash": "shared", "methods": "toy2"}])
+    write_results(ws, [{"method": "toy", "steps": 1}], [{**tok, "config_hash": "mine", "methods": "toy"}])
+    rows = {r["config_hash"]: r["methods"] for r in pl.read_parquet(ws.paths.report / "tokenizers.parquet").to_dicts()}
+    assert rows == {"shared": "toy2", "mine": "toy"}

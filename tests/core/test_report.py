@@ -124,10 +124,13 @@ def test_grids_of_step_counts_no_longer_run_are_removed(ws):
     stale = ws.paths.report / "grid_ae-a_steps99.png"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"old")
-    other = ws.paths.report / "notes.png"  # not the report's: left alone
-    other.write_bytes(b"mine")
+    others = [ws.paths.report / name for name in ("notes.png", "grid_ae-a_steps2_annotated.png")]
+    for other in others:  # not the report's: left alone
+        other.write_bytes(b"mine")
     build_report(ws)
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and all(other.exists() for other in others)
+    for other in others:
+        other.unlink()
     assert sorted(p.name for p in ws.paths.report.glob("grid_*.png")) == sorted(
         f"grid_{method}_steps{steps}.png" for method, steps, *_ in ROWS)
 

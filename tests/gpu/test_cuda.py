@@ -69,6 +69,19 @@ def test_sphere_encoder_cuda_matches_cpu(exact_fp32):
         torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-4, rtol=1e-4)
 
 
+def test_batches_converted_on_the_gpu_equal_the_cpu_ones():
+    """The trainer converts and mirrors uint8 batches on the device (runner.prepare_batch):
+    the same bits as on the CPU, so a CUDA run, its resume and its latent caches agree
+    with what the CPU path gives."""
+    from spheregen.runner import prepare_batch
+
+    images = torch.arange(256, dtype=torch.uint8).repeat(8, 3, 1).view(8, 3, 16, 16)
+    labels = torch.arange(8)
+    cpu = prepare_batch(images, labels, True, 0, 3, torch.device("cpu"))
+    gpu = prepare_batch(images.pin_memory(), labels, True, 0, 3, CUDA)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
 def test_sphere_encoder_trains_under_bf16_autocast():
     """bf16 autocast takes the real-valued RoPE (no complex bf16) and still learns."""
     model = tiny_encoder().to(CUDA).train()
