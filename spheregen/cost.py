@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,10 +69,16 @@ def per_image_flops(ws: Workspace, entry: MethodEntry) -> int | None:
     weights (the other columns are still written)."""
     spec = ws.declared_spec()
     shape = (spec.channels, spec.image_size, spec.image_size)
-    path, key = _cache(ws, entry)
-    cached = _read_cached(path, key)
-    if cached is not None:
-        return cached
+    key = config_hash({"method": entry.method, "shape": list(shape), "classes": spec.num_classes,
+                       "batch": COUNT_BATCH})
+    path = ws.paths.run(entry.name) / CACHE
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return int(cached["flops_per_image"])
+        except (OSError, ValueError, KeyError):
+            pass  # counted again and rewritten
     try:
         flops = _count(ws, entry, shape, spec.num_classes)
     except Exception as exc:  # noqa: BLE001 - a missing measurement, said, not a failed evaluation
@@ -82,28 +87,6 @@ def per_image_flops(ws: Workspace, entry: MethodEntry) -> int | None:
         return None
     atomic_write_json(path, {"key": key, "flops_per_image": flops, "batch": COUNT_BATCH})
     return flops
-
-
-def is_counted(ws: Workspace, entry: MethodEntry) -> bool:
-    """Whether the run folder already holds this method's per-image training FLOPs."""
-    return _read_cached(*_cache(ws, entry)) is not None
-
-
-def _cache(ws: Workspace, entry: MethodEntry) -> tuple[Path, str]:
-    spec = ws.declared_spec()
-    key = config_hash({"method": entry.method, "shape": [spec.channels, spec.image_size, spec.image_size],
-                       "classes": spec.num_classes, "batch": COUNT_BATCH})
-    return ws.paths.run(entry.name) / CACHE, key
-
-
-def _read_cached(path: Path, key: str) -> int | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = json.loads(path.read_text())
-        return int(cached["flops_per_image"]) if cached.get("key") == key else None
-    except (OSError, ValueError, KeyError):
-        return None  # counted again and rewritten
 
 
 def _count(ws: Workspace, entry: MethodEntry, shape: tuple[int, int, int], classes: int) -> int:

@@ -50,11 +50,9 @@ class JobSpec:
 
 def method_job(spec: JobSpec) -> dict[str, float]:
     """Train and sample one method (runs in the job's process); returns the seconds each
-    part took ({"train": s, "sample": s, "count training FLOPs": s}; a part skipped as
-    current is absent)."""
+    part took ({"train": s, "sample": s}, a part skipped as current is absent)."""
     import torch
 
-    from spheregen.cost import is_counted, per_image_flops
     from spheregen.evaluation import sample_entry, samples_current
     from spheregen.experiment import load_experiment
     from spheregen.runner import is_trained, train
@@ -75,12 +73,6 @@ def method_job(spec: JobSpec) -> dict[str, float]:
     if spec.fresh or not samples_current(ws, entry):
         sample_entry(ws, entry, device)
         times["sample"] = time.perf_counter() - t0
-    if not is_counted(ws, entry):
-        # here, in parallel with the other jobs, rather than serially in evaluate,
-        # which then reads it from the run folder
-        t0 = time.perf_counter()
-        per_image_flops(ws, entry)
-        times["count training FLOPs"] = time.perf_counter() - t0
     return times
 
 
@@ -134,8 +126,7 @@ def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, ex
              times: dict[str, float] | None = None) -> list[str]:
     """Run one job per method, at most ``jobs`` at once; returns the failed methods
     (each reported with its log on stderr). ``gpus``: one GPU index per slot; ``times``
-    receives each job's "train <method>" / "sample <method>" / "count training FLOPs
-    <method>" seconds."""
+    receives each job's "train <method>" / "sample <method>" seconds."""
     shares = core_shares(jobs) if gpus is None else [() for _ in gpus]
     slots = list(range(len(shares)))
     queue, running, failed = list(names), {}, []

@@ -167,7 +167,7 @@ def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict
         tok_path = report / "tokenizers.parquet"
         old_file = _read_or_set_aside(tok_path)
         tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
-        if old_file is not None:  # tokenizers not re-scored now keep their rows
+        if old_file is not None:  # rows of tokenizers whose users were not re-evaluated stand
             old = _unreplaced(old_file, tokens, names)
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
         atomic_write(tok_path, lambda p: tokens.write_parquet(p))

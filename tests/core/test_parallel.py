@@ -3,8 +3,6 @@ sequential run at the same thread count, and a failing job that loses nothing el
 
 from __future__ import annotations
 
-import json
-
 import polars as pl
 import pytest
 
@@ -55,9 +53,6 @@ def test_two_jobs_equal_one(tmp_path, monkeypatch):
     columns = [c for c in a.columns if c not in TIMING]
     assert a.select(columns).equals(b.select(columns))
     assert a["fid"].null_count() == 0 and b["train_gflops_total"].null_count() == 0
-    # each job counted its method's training FLOPs (evaluate read them from the run folder)
-    timing = json.loads((tmp_path / "par" / "reports" / "par" / "timing.json").read_text())
-    assert {"  count training FLOPs fm-a (job)", "  count training FLOPs fm-b (job)"} <= set(timing["stages_s"])
 
 
 def test_a_failing_job_keeps_the_others(tmp_path, capsys, monkeypatch):
