@@ -14,13 +14,15 @@ measures the effect); results agree with the plain formulas to fp32 rounding:
 * RoPE rotates q and k together as one complex multiply; the q/k biases are rotated on
   the small table and added in the same op, and the v bias is moved behind attention
   into the output projection's bias (softmax rows sum to 1);
-* matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`), SwiGLU's two halves
-  are two matmuls with contiguous outputs, token mixing is a batched matmul on B×N×D
+* matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`); on CPU the SwiGLU
+  hidden layer is computed feature-major (hidden×tokens, :class:`_SwiGLUT`), because
+  BLAS runs the products with an odd hidden width (341 at width 128) in that layout at
+  ~1.6× the rate of the token-major one; token mixing is a batched matmul on B×N×D
   (no transposes), gated residuals are ``addcmul``;
 * without autograd (sampling) activations are applied in place;
 * with autograd (training) the norm + modulation, the gated residuals and the qkv
   projection with RoPE are autograd Functions with hand-written backward passes
-  (:class:`_RmsModulate`, :class:`_GatedResidual`, :class:`_QkvRope`): autograd's own
+  (:class:`_RmsModulate`, :class:`_GatedResidual`, :class:`_QkvRope`, :class:`_SwiGLUT`): autograd's own
   chain for them (vector_norm, mul, addcmul, slices) makes about twice as many full
   passes over the activations as the gradients need, and zero-fills full-size buffers.
 """
@@ -181,6 +183,54 @@ def rms_modulate(x: Tensor, norm: RmsNorm, shift: Tensor, scale: Tensor) -> Tens
     return _RmsModulate.apply(x, s, shift, norm.eps)
 
 
+def _swiglu_hidden_t(rows: Tensor, w12: Tensor, b12: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    """aᵀ, bᵀ (hidden×R each, contiguous) of [a, b] = rows·w12ᵀ + b12 (rows: R×D)."""
+    both = torch.mm(w12, rows.t()).add_(b12.unsqueeze(1))
+    return both[:hidden], both[hidden:]
+
+
+class _SwiGLUT(torch.autograd.Function):
+    """y = w3(silu(a)·b) + b3 with the hidden activations feature-major (hidden×R).
+
+    On CPU BLAS a matmul whose output has R rows of hidden = int(8W/3) columns (341
+    at width 128, not a multiple of the vector width) runs at about 60% of the rate
+    of the same product written as w12·rowsᵀ, whose output rows are R long; the
+    feature-major hidden also makes its halves contiguous without a second matmul,
+    and the backward's hidden gradient w3ᵀ·dyᵀ is the fast shape too
+    (benchmarks/bench_vs_official.py). The backward writes d[a; b] into one buffer
+    so that the input and w12 gradients are one matmul each.
+
+    x: B×N×D; w12: 2H×D, b12: 2H; w3: D×H, b3: D -> B×N×D."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w12: Tensor, b12: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        at, bt = _swiglu_hidden_t(rows, w12, b12, w3.shape[1])
+        st = F.silu(at)
+        ht = st * bt
+        ctx.save_for_backward(rows, w12, w3, at, bt, st, ht)
+        ctx.x_shape = x.shape
+        return torch.mm(ht.t(), w3.t()).add_(b3).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, w12, w3, at, bt, st, ht = ctx.saved_tensors
+        need_x, need_w12, need_b12, need_w3, need_b3 = ctx.needs_input_grad
+        gy = grad.reshape(-1, grad.shape[-1])
+        # (h·dy)ᵀ rather than dyᵀ·hᵀ: the same product ~8% faster with h feature-major
+        grad_w3 = torch.mm(ht, gy).t() if need_w3 else None
+        grad_b3 = gy.sum(0) if need_b3 else None
+        hidden = w3.shape[1]
+        ght = torch.mm(w3.t(), gy.t())  # H×R
+        g12 = ght.new_empty(2 * hidden, ght.shape[1])
+        torch.ops.aten.silu_backward.grad_input(ght * bt, at, grad_input=g12[:hidden])
+        torch.mul(ght, st, out=g12[hidden:])
+        grad_x = torch.mm(g12.t(), w12).view(ctx.x_shape) if need_x else None
+        grad_w12 = torch.mm(g12, rows) if need_w12 else None
+        grad_b12 = g12.sum(1) if need_b12 else None
+        return grad_x, grad_w12, grad_b12, grad_w3, grad_b3
+
+
 class SwiGLU(nn.Module):
     """w3(silu(a)·b) with [a, b] = w12(x): one fused input projection (timm's SwiGLU
     splits it in two Linears, whose Xavier init would differ from the official one)."""
@@ -191,11 +241,17 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        # a and b as two matmuls on the halves of w12 (the same FLOPs): contiguous
-        # outputs make SiLU and the product ~2× faster than on the strided halves of
-        # one output (5-9% of a whole sampling call / training step).
         hidden = self.w3.in_features
         w, bias = self.w12.weight, self.w12.bias
+        if _feature_major_ok(x):
+            if not _no_graph():
+                return _SwiGLUT.apply(x, w, bias, self.w3.weight, self.w3.bias)
+            at, bt = _swiglu_hidden_t(x.reshape(-1, x.shape[-1]), w, bias, hidden)
+            ht = F.silu(at, inplace=True).mul_(bt)
+            return torch.mm(ht.t(), self.w3.weight.t()).add_(self.w3.bias).view(x.shape)
+        # a and b as two matmuls on the halves of w12 (the same FLOPs): contiguous
+        # outputs make SiLU and the product ~2× faster than on the strided halves of
+        # one output.
         a, b = linear(x, w[:hidden], bias[:hidden]), linear(x, w[hidden:], bias[hidden:])
         h = F.silu(a, inplace=True).mul_(b) if _no_graph() else F.silu(a) * b
         return linear(h, self.w3.weight, self.w3.bias)
@@ -208,6 +264,13 @@ def _complex_ok(x: Tensor) -> bool:
         return False
     device = x.device.type
     return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+
+
+def _feature_major_ok(x: Tensor) -> bool:
+    """The feature-major SwiGLU is for CPU BLAS in fp32/fp64 without autocast; other
+    devices and dtypes keep the row-major form (GPU GEMMs have no such odd-width
+    penalty, and autocast would need the Function to cast its inputs)."""
+    return x.device.type == "cpu" and _complex_ok(x)
 
 
 def _qkv_rope(x: Tensor, weight: Tensor, bias_qk: Tensor, cis: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
