@@ -120,6 +120,8 @@ def remove_owned(folder: Path, root: Path, keep: tuple[Path, ...] = ()) -> None:
     if not folder.exists():
         return
     if not (folder / MARKER).is_file():
+        if all(child in keep or child.name == LOCK for child in folder.iterdir()):
+            return  # nothing but a lock (this process's, before its first run marked the folder)
         raise SpheregenError(
             f"{folder} was not created by spheregen (no {MARKER} marker), so --fresh will not delete it; "
             "move or delete it yourself, or choose another experiment / method name"

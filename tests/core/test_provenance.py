@@ -56,6 +56,14 @@ def test_fresh_deletes_its_own_run(toy_registries, tiny_experiment, tmp_path, ca
     assert not stray.exists() and (tmp_path / "runs" / "tiny" / "toy" / "final" / "weights.safetensors").is_file()
 
 
+def test_fresh_on_a_run_that_never_existed_trains(toy_registries, tiny_experiment, tmp_path, capsys):
+    # the run's lock is taken before --fresh clears the folder: a folder holding only
+    # that lock is new, not someone else's
+    exp = tiny_experiment()
+    assert run_main(capsys, "train", exp, *dirs(tmp_path), "--fresh")[0] == 0
+    assert (tmp_path / "runs" / "tiny" / "toy" / "final" / "weights.safetensors").is_file()
+
+
 def test_every_path_is_checked_to_lie_inside_its_root(tmp_path):
     from spheregen.errors import SpheregenError
     from spheregen.paths import Paths, inside, remove_owned
