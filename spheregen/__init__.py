@@ -6,6 +6,7 @@ public toolkit (:mod:`spheregen.api`) is also readable here, e.g. ``spheregen.gu
 """
 
 import importlib
+import importlib.util
 from typing import Any
 
 from spheregen.hookspecs import hookimpl
@@ -19,6 +20,10 @@ def __getattr__(name: str) -> Any:
     # first line, the CLI's start) costs pluggy alone.
     if name in ("load", "Generator"):  # trained methods from Python (spheregen.generate)
         return getattr(importlib.import_module("spheregen.generate"), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule not imported yet (`from spheregen import distributed` asks here
+        # first): importing the toolkit for it would import spheregen.fit half-way
+        return importlib.import_module(f"{__name__}.{name}")
     api = importlib.import_module("spheregen.api")
     if name in api.__all__:
         return getattr(api, name)

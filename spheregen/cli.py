@@ -144,9 +144,11 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     entries = _entries(ws, getattr(args, "method", None))
     if args.command == "run" and getattr(args, "jobs", 1) > 1:
-        # the methods' own components (a tokenizer) are fitted in the first job that
-        # trains on them, beside the other jobs; a second job needing one waits for it
-        entries = []
+        # everything fitted is fitted in a job, beside the others (spheregen.parallel);
+        # here the data is prepared once, before any job reads it
+        if ws.exp.eval.metrics:
+            ws.data.splits()
+        return
     results = fit_experiment(ws, entries, resume=args.resume, fresh=args.fresh and args.command == "fit")
     for result in results:
         say(describe(result))
@@ -297,9 +299,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     # sample files of the same identity, result rows of the same weights, samples and metrics
     args.skip_trained = args.skip_current = not (args.resume or args.fresh)
     if args.jobs > 1:
-        with _clock(args, f"train and sample ({args.jobs} jobs)"):
-            _parallel_train_and_sample(args)
-        stages = (cmd_evaluate, cmd_report)
+        with _clock(args, f"fit, train, sample and evaluate ({args.jobs} jobs)"):
+            _parallel_jobs(args)
+        stages = (cmd_report,)
     else:
         stages = (cmd_train, cmd_sample, cmd_evaluate, cmd_report)
     for stage in stages:
@@ -342,20 +344,21 @@ def _report_timing(ws: Workspace, clock: dict[str, float], total: float) -> None
                                                         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _parallel_train_and_sample(args: argparse.Namespace) -> None:
-    """--jobs N: the shared stages here, once (data, tokenizers and feature extractors
-    fitted at build time), then one submitit job per method (spheregen.parallel)."""
+def _parallel_jobs(args: argparse.Namespace) -> None:
+    """--jobs N: the data prepared here (by the fit stage), then the metrics' fit and one
+    job per method (train, sample, evaluate) as submitit jobs (spheregen.parallel)."""
     import torch
 
     from spheregen import parallel
 
     ws = _workspace(args)
-    entries = _entries(ws, args.method)  # what they build was fitted by cmd_run's fit stage: the jobs load it
+    entries = _entries(ws, args.method)
     threads = _threads(args.threads) or max(1, len(parallel.core_shares(args.jobs)[-1]))
-    specs = {e.name: parallel.JobSpec(experiment=args.experiment, overrides=tuple(args.set or ()),
-                                      runs_dir=str(ws.paths.runs_root), reports_dir=str(ws.paths.reports_root),
-                                      method=e.name, threads=threads, device=args.device, resume=args.resume,
-                                      fresh=args.fresh) for e in entries}
+    names = [parallel.METRICS_JOB, *(e.name for e in entries)] if ws.exp.eval.metrics else [e.name for e in entries]
+    specs = {name: parallel.JobSpec(experiment=args.experiment, overrides=tuple(args.set or ()),
+                                    runs_dir=str(ws.paths.runs_root), reports_dir=str(ws.paths.reports_root),
+                                    method=name, threads=threads, device=args.device, resume=args.resume,
+                                    fresh=args.fresh and name != parallel.METRICS_JOB) for name in names}
     gpus = list(range(torch.cuda.device_count()))[:args.jobs] if ws.device.type == "cuda" and args.launcher == "local" \
         else None
     options = {"partition": args.partition, "time_min": args.time_min, "gpus": args.gpus_per_job,
@@ -363,15 +366,15 @@ def _parallel_train_and_sample(args: argparse.Namespace) -> None:
     executor = parallel.make_executor(args.launcher, ws.paths.experiment_runs / ".jobs", options)
     say(f"{len(entries)} method(s) as {args.launcher} jobs, {args.jobs} at a time, {threads} thread(s) each")
     job_times: dict[str, float] = {}
-    failed = parallel.run_jobs(ws, [e.name for e in entries], specs, args.jobs, executor, gpus or None,
-                               times=job_times)
+    failed = parallel.run_jobs(ws, names, specs, args.jobs, executor, gpus or None, times=job_times)
     if getattr(args, "clock", None) is not None:  # each job's own time (they overlap)
         args.clock.update({f"  {k} (job)": v for k, v in job_times.items()})
+    if parallel.METRICS_JOB in failed:
+        raise SpheregenError("the metrics' feature extractors could not be fitted (log above), so nothing can be "
+                             f"scored: the method jobs were stopped; fix it and run again (`spheregen fit "
+                             f"{args.experiment}` fits only them)")
     if failed:
-        ok = [e.name for e in entries if e.name not in failed]
-        if ok:  # the others' results are not lost: evaluate and report them, then fail
-            args.method = ok
-            cmd_evaluate(args)
+        if any(e.name not in failed for e in entries):  # the others evaluated their rows: report them
             cmd_report(args)
         raise SpheregenError(f"job(s) failed: {', '.join(failed)} (logs above); the other methods' weights, "
                              "samples and results are kept")

@@ -45,16 +45,20 @@ __all__ = ["evaluate", "read_external_samples", "reference_stats", "sample_entry
 
 
 @contextlib.contextmanager
-def writer_lock(folder: Path, what: str) -> Iterator[None]:
+def writer_lock(folder: Path, what: str, wait: bool = False) -> Iterator[None]:
     """The main process holds ``folder``'s lock while it writes; the other processes
-    only compute. (Only run folders carry the ownership marker: nothing deletes a
-    sample or report folder.)"""
+    only compute. Held by another process: an error, or with ``wait`` a wait for it.
+    (Only run folders carry the ownership marker: nothing deletes a sample or report
+    folder.)"""
     if not distributed.is_main():
         yield
         return
     check_writable(folder, what)
-    with DirLock(folder, what):
+    lock = DirLock(folder, what).acquire(wait=wait)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def default_sampler_name(ws: Workspace, entry: MethodEntry) -> str:
@@ -470,13 +474,23 @@ def evaluate_entry(ws: Workspace, entry: MethodEntry, metrics: list[tuple[str, A
     return rows
 
 
-def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device | None = None) -> Path:
+def evaluate(ws: Workspace, names: list[str] | None = None, device: torch.device | None = None,
+             beside_others: bool = False) -> Path:
     """Score every method's samples and write results.parquet (all rows are computed
-    before anything is written, so a failure leaves the previous results untouched)."""
+    before anything is written, so a failure leaves the previous results untouched).
+
+    The report folder is locked for the whole stage, so that a second ``evaluate`` is
+    refused before it computes anything. ``beside_others`` (the jobs of ``run --jobs``,
+    each scoring its own method): compute first, then wait for the lock and merge the
+    rows into the files, so that jobs finishing together queue for the write."""
     device = device or ws.device
     entries = [ws.exp.method(n) for n in names] if names else list(ws.exp.methods)  # unknown name: error
+    if beside_others:
+        rows = _evaluate_rows(ws, entries, device)
+        with writer_lock(ws.paths.report, "report folder", wait=True):
+            return _write(ws, *rows)
     with writer_lock(ws.paths.report, "report folder"):
-        return _evaluate(ws, entries, device)
+        return _write(ws, *_evaluate_rows(ws, entries, device))
 
 
 def build_metrics(ws: Workspace, device: torch.device | None = None) -> list[tuple[str, Any]]:
@@ -488,7 +502,9 @@ def build_metrics(ws: Workspace, device: torch.device | None = None) -> list[tup
     return ws.build_metrics(device)
 
 
-def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -> Path:
+def _evaluate_rows(ws: Workspace, entries: list[MethodEntry], device: torch.device) -> tuple[list, list, list]:
+    """(result rows, tokenizer rows, guidance rows) of ``entries``, computed by every
+    process; nothing is written."""
     metrics = build_metrics(ws, device)
     reference = workspace_reference(ws)
     prepare_reference(metrics, reference)
@@ -505,7 +521,10 @@ def _evaluate(ws: Workspace, entries: list[MethodEntry], device: torch.device) -
             tokenizer_rows.append(scored[identity])
         elif scored[identity] is not None:
             tokenizer_rows.append({**scored[identity], "methods": entry.name})
-    tokenizer_rows = [r for r in tokenizer_rows if r is not None]
+    return rows, [r for r in tokenizer_rows if r is not None], guidance_rows
+
+
+def _write(ws: Workspace, rows: list, tokenizer_rows: list, guidance_rows: list) -> Path:
     path = ws.paths.report / "results.parquet"
     if distributed.is_main():
         write_results(ws, rows, tokenizer_rows, guidance_rows)

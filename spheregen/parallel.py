@@ -1,21 +1,26 @@
 """Independent methods side by side: ``spheregen run --jobs N``.
 
-Each method's training and sampling is independent of the others' once the shared
-stages have run, so they run as jobs on submitit: its local executor on one machine (each
-job pinned to its share of the cores, or to its own GPU), its SLURM executor with
-``--launcher slurm`` on a cluster. The calling process prepares the data and fits the
-metrics' feature extractors first; a component of the methods (a tokenizer spheregen
-trains) is fitted by the first job that trains on it, while the other jobs run, and a
-job that needs it meanwhile waits for that fit and loads it (the fit folder's lock), so
-it is fitted once. Jobs start in the experiment file's order, at most N at once: list a
-method whose job fits a shared tokenizer early. A job is one method: train (unless its
-weights exist for the same config), then sample (unless its sample files are current);
-evaluation and the report run afterwards in the calling process. Every job computes
-what a sequential run computes: at equal intra-op thread counts the results are
-bit-identical.
+Each method's training, sampling and scoring is independent of the others' once the
+data is prepared, so they run as jobs on submitit: its local executor on one machine
+(each job pinned to its share of the cores, or to its own GPU), its SLURM executor with
+``--launcher slurm`` on a cluster. The calling process prepares the data; everything
+fitted is fitted once, in a job, beside the others: the metrics' feature extractors (a
+domain classifier) by the first job, :data:`METRICS_JOB`, and a component of the
+methods (a tokenizer spheregen trains) by the first method job that trains on it. A job
+that needs a component meanwhile waits for that fit and loads it (the fit folder's
+lock). The methods need the metrics only once they sample (guidance selection), so
+fitting them no longer holds every core but one idle. Jobs start in the experiment
+file's order after the metrics job, at most N at once: list a method whose job fits a
+shared tokenizer early. A method job trains (unless its weights exist for the same
+config), samples (unless its sample files are current) and scores its samples (unless
+its result rows are current), merging its rows into results.parquet under the report
+folder's lock, so its speed columns are timed on its own core while the other jobs
+run; the report runs afterwards in the calling process. Every job computes what a
+sequential run computes: at equal intra-op thread counts the results are bit-identical.
 
-A failing job is reported with its log and the tail of its error; the others finish and
-keep their results.
+A failing method job is reported with its log and the tail of its error; the others
+finish and keep their results. A failing metrics job (missing weights, an unusable
+feature space) stops the run: every method needs the metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import attrs
 from spheregen.errors import SpheregenError
 
 
+METRICS_JOB = "metrics"  # the job that fits the metrics' feature extractors, queued first
+
+
 @attrs.frozen(kw_only=True)
 class JobSpec:
     """What one job needs to rebuild the experiment in its own process."""
@@ -40,7 +48,7 @@ class JobSpec:
     overrides: tuple[str, ...]
     runs_dir: str
     reports_dir: str
-    method: str
+    method: str  # a method's name, or METRICS_JOB
     threads: int
     cpus: tuple[int, ...] = ()
     device: str | None = None
@@ -48,21 +56,41 @@ class JobSpec:
     fresh: bool = False
 
 
-def method_job(spec: JobSpec) -> dict[str, float]:
-    """Train and sample one method (runs in the job's process); returns the seconds each
-    part took ({"train": s, "sample": s}, a part skipped as current is absent)."""
+def _job_workspace(spec: JobSpec) -> Any:
+    """The job process pinned to its cores at its thread count, and its Workspace."""
     import torch
 
-    from spheregen.evaluation import sample_entry, samples_current
     from spheregen.experiment import load_experiment
-    from spheregen.runner import is_trained, train
     from spheregen.workspace import Workspace
 
     if spec.cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, spec.cpus)
     torch.set_num_threads(spec.threads)
     device = torch.device(spec.device) if spec.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ws = Workspace(load_experiment(spec.experiment, spec.overrides), spec.runs_dir, spec.reports_dir, device)
+    return Workspace(load_experiment(spec.experiment, spec.overrides), spec.runs_dir, spec.reports_dir, device)
+
+
+def metrics_job(spec: JobSpec) -> dict[str, float]:
+    """Fit the metrics' feature extractors (runs in the job's process); returns
+    {"fit": seconds}."""
+    from spheregen.fit import fit_experiment
+
+    t0 = time.perf_counter()
+    ws = _job_workspace(spec)
+    for result in fit_experiment(ws, entries=[], metrics=True, resume=spec.resume, progress=False):
+        print(f"{result.name}: {'fitted' if result.fitted_now else 'found'} at {result.folder}", file=sys.stderr)
+    return {"fit": time.perf_counter() - t0}
+
+
+def method_job(spec: JobSpec) -> dict[str, float]:
+    """Train, sample and score one method (runs in the job's process); returns the
+    seconds each part took ({"train": s, "sample": s, "evaluate": s}, a part skipped as
+    current is absent)."""
+    from spheregen.evaluation import evaluate, results_current, sample_entry, samples_current
+    from spheregen.runner import is_trained, train
+    from spheregen.tracking import log_evaluation
+
+    ws = _job_workspace(spec)
     entry = ws.exp.method(spec.method)
     times = {}
     t0 = time.perf_counter()
@@ -71,8 +99,13 @@ def method_job(spec: JobSpec) -> dict[str, float]:
         times["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if spec.fresh or not samples_current(ws, entry):
-        sample_entry(ws, entry, device)
+        sample_entry(ws, entry, ws.device)
         times["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if spec.fresh or not results_current(ws, entry):
+        evaluate(ws, [entry.name], ws.device, beside_others=True)
+        log_evaluation(ws, [entry.name])
+        times["evaluate"] = time.perf_counter() - t0
     return times
 
 
@@ -111,8 +144,10 @@ def make_executor(launcher: str, folder: Path, options: dict[str, Any]) -> Any:
 
 def _progress(ws: Any, name: str) -> str:
     """'step s/S' from a method's training log, 'sampling' once it has weights."""
+    if name == METRICS_JOB:
+        return "fitting"
     if ws.paths.final(name).is_file():
-        return "sampling"
+        return "sampling / scoring"
     log = ws.paths.run(name) / "train_log.jsonl"
     try:
         last = log.read_text().strip().splitlines()[-1]
@@ -124,9 +159,10 @@ def _progress(ws: Any, name: str) -> str:
 def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, executor: Any,
              gpus: list[int] | None = None, poll_s: float = 1.0, report_s: float = 15.0,
              times: dict[str, float] | None = None) -> list[str]:
-    """Run one job per method, at most ``jobs`` at once; returns the failed methods
-    (each reported with its log on stderr). ``gpus``: one GPU index per slot; ``times``
-    receives each job's "train <method>" / "sample <method>" seconds."""
+    """Run one job per name (a method, or :data:`METRICS_JOB`), at most ``jobs`` at once;
+    returns the failed names (each reported with its log on stderr). A failed metrics
+    job cancels the rest: nothing can be scored without it. ``gpus``: one GPU index per
+    slot; ``times`` receives each job's "<part> <name>" seconds."""
     shares = core_shares(jobs) if gpus is None else [() for _ in gpus]
     slots = list(range(len(shares)))
     queue, running, failed = list(names), {}, []
@@ -138,12 +174,15 @@ def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, ex
             spec = attrs.evolve(specs[name], cpus=shares[slot])
             if gpus is not None:
                 executor.update_parameters(visible_gpus=(gpus[slot],), gpus_per_node=1)
-            running[name] = (slot, executor.submit(method_job, spec))
+            running[name] = (slot, executor.submit(metrics_job if name == METRICS_JOB else method_job, spec))
         for name, (slot, job) in list(running.items()):
             if job.done():
                 del running[name]
                 slots.append(slot)
                 _finish(name, job, failed, times if times is not None else {})
+                if METRICS_JOB in failed:
+                    _cancel(running, queue, failed)
+                    break
         if time.monotonic() - last_report >= report_s and running:
             status = " · ".join(f"{n} {_progress(ws, n)}" for n in running)
             print(f"[jobs] {status}" + (f" · queued: {', '.join(queue)}" if queue else ""), file=sys.stderr)
@@ -161,3 +200,13 @@ def _finish(name: str, job: Any, failed: list[str], times: dict[str, float]) -> 
         failed.append(name)
         tail = "\n".join(str(exc).strip().splitlines()[-6:])
         print(f"[jobs] {name}: FAILED (log: {job.paths.stderr})\n{tail}", file=sys.stderr)
+
+
+def _cancel(running: dict[str, Any], queue: list[str], failed: list[str]) -> None:
+    """Stop every running job and drop the queued ones (they count as failed)."""
+    for name, (_, job) in running.items():
+        job.cancel(check=False)
+        print(f"[jobs] {name}: cancelled (the metrics could not be fitted)", file=sys.stderr)
+    failed.extend([*running, *queue])
+    running.clear()
+    queue.clear()

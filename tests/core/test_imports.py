@@ -83,3 +83,18 @@ def test_toolkit_exports_exist():
     missing = [n for n in spheregen.api.__all__ if not hasattr(spheregen.api, n)]
     assert missing == []
     assert spheregen.guided is spheregen.api.guided
+
+
+
+def test_a_core_module_imports_first_in_a_fresh_interpreter():
+    """A job of `run --jobs` starts with whichever core module it needs: `from spheregen
+    import fit` (or any submodule) must import that module alone, not the toolkit,
+    which would import spheregen.fit half-way (a circular import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom spheregen import distributed\n"
+            "assert 'spheregen.api' not in sys.modules, 'the toolkit was imported for a submodule'\n"
+            "import spheregen.fit\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
