@@ -144,7 +144,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     entries = _entries(ws, getattr(args, "method", None))
     if args.command == "run" and getattr(args, "jobs", 1) > 1:
-        # everything fitted is fitted in a job, beside the others (spheregen.parallel);
+        # the fit stage is the first job, beside the method jobs (spheregen.parallel);
         # here the data is prepared once, before any job reads it
         if ws.exp.eval.metrics:
             ws.data.splits()
@@ -345,8 +345,8 @@ def _report_timing(ws: Workspace, clock: dict[str, float], total: float) -> None
 
 
 def _parallel_jobs(args: argparse.Namespace) -> None:
-    """--jobs N: the data prepared here (by the fit stage), then the metrics' fit and one
-    job per method (train, sample, evaluate) as submitit jobs (spheregen.parallel)."""
+    """--jobs N: the data prepared here (cmd_fit), then the fit stage and one job per
+    method (train, sample, evaluate) as submitit jobs (spheregen.parallel)."""
     import torch
 
     from spheregen import parallel
@@ -354,11 +354,12 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     entries = _entries(ws, args.method)
     threads = _threads(args.threads) or max(1, len(parallel.core_shares(args.jobs)[-1]))
-    names = [parallel.METRICS_JOB, *(e.name for e in entries)] if ws.exp.eval.metrics else [e.name for e in entries]
+    names = [parallel.FIT_JOB, *(e.name for e in entries)]
     specs = {name: parallel.JobSpec(experiment=args.experiment, overrides=tuple(args.set or ()),
                                     runs_dir=str(ws.paths.runs_root), reports_dir=str(ws.paths.reports_root),
                                     method=name, threads=threads, device=args.device, resume=args.resume,
-                                    fresh=args.fresh and name != parallel.METRICS_JOB) for name in names}
+                                    fresh=args.fresh and name != parallel.FIT_JOB,
+                                    fit_methods=tuple(e.name for e in entries)) for name in names}
     gpus = list(range(torch.cuda.device_count()))[:args.jobs] if ws.device.type == "cuda" and args.launcher == "local" \
         else None
     options = {"partition": args.partition, "time_min": args.time_min, "gpus": args.gpus_per_job,
@@ -369,10 +370,10 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     failed = parallel.run_jobs(ws, names, specs, args.jobs, executor, gpus or None, times=job_times)
     if getattr(args, "clock", None) is not None:  # each job's own time (they overlap)
         args.clock.update({f"  {k} (job)": v for k, v in job_times.items()})
-    if parallel.METRICS_JOB in failed:
-        raise SpheregenError("the metrics' feature extractors could not be fitted (log above), so nothing can be "
-                             f"scored: the method jobs were stopped; fix it and run again (`spheregen fit "
-                             f"{args.experiment}` fits only them)")
+    if parallel.FIT_JOB in failed:
+        raise SpheregenError("the fit stage failed (log above): the metrics or a method's component could not be "
+                             "fitted, so the method jobs were stopped; fix it and run again (`spheregen fit "
+                             f"{args.experiment}` runs that stage alone)")
     if failed:
         if any(e.name not in failed for e in entries):  # the others evaluated their rows: report them
             cmd_report(args)

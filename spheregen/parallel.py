@@ -1,26 +1,27 @@
 """Independent methods side by side: ``spheregen run --jobs N``.
 
 Each method's training, sampling and scoring is independent of the others' once the
-data is prepared, so they run as jobs on submitit: its local executor on one machine
-(each job pinned to its share of the cores, or to its own GPU), its SLURM executor with
-``--launcher slurm`` on a cluster. The calling process prepares the data; everything
-fitted is fitted once, in a job, beside the others: the metrics' feature extractors (a
-domain classifier) by the first job, :data:`METRICS_JOB`, and a component of the
-methods (a tokenizer spheregen trains) by the first method job that trains on it. A job
-that needs a component meanwhile waits for that fit and loads it (the fit folder's
-lock). The methods need the metrics only once they sample (guidance selection), so
-fitting them no longer holds every core but one idle. Jobs start in the experiment
-file's order after the metrics job, at most N at once: list a method whose job fits a
-shared tokenizer early. A method job trains (unless its weights exist for the same
-config), samples (unless its sample files are current) and scores its samples (unless
-its result rows are current), merging its rows into results.parquet under the report
-folder's lock, so its speed columns are timed on its own core while the other jobs
-run; the report runs afterwards in the calling process. Every job computes what a
-sequential run computes: at equal intra-op thread counts the results are bit-identical.
+data is prepared and the shared components are fitted, so they run as jobs on
+submitit: its local executor on one machine (each job pinned to its share of the cores,
+or to its own GPU), its SLURM executor with ``--launcher slurm`` on a cluster. The
+calling process prepares the data; the fit stage (the metrics' feature extractors, then
+every component of the methods that spheregen fits, such as a trained tokenizer) is the
+first job, :data:`FIT_JOB`, and runs beside the first method jobs instead of before
+them, each component fitted once. A method job that needs a component before the fit
+job has finished it waits for it and loads it (the fit folder's lock); the metrics come
+first in the fit job, and the methods need them only when they sample (guidance
+selection). Jobs start in the experiment file's order after the fit job, at most N at
+once: list the methods that need no fitted component first, so that they run while it
+fits. A method job trains (unless its weights exist for the same config), samples
+(unless its sample files are current) and scores its samples (unless its result rows
+are current), merging its rows into results.parquet under the report folder's lock, so
+its speed columns are timed on its own core while the other jobs run; the report runs
+afterwards in the calling process. Every job computes what a sequential run computes:
+at equal intra-op thread counts the results are bit-identical.
 
 A failing method job is reported with its log and the tail of its error; the others
-finish and keep their results. A failing metrics job (missing weights, an unusable
-feature space) stops the run: every method needs the metrics.
+finish and keep their results. A failing fit job (missing weights, an unusable feature
+space) stops the run: the metrics, or a method's component, are missing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import attrs
 from spheregen.errors import SpheregenError
 
 
-METRICS_JOB = "metrics"  # the job that fits the metrics' feature extractors, queued first
+FIT_JOB = "fit"  # the job of the fit stage (metrics, then the methods' components), queued first
 
 
 @attrs.frozen(kw_only=True)
@@ -48,7 +49,8 @@ class JobSpec:
     overrides: tuple[str, ...]
     runs_dir: str
     reports_dir: str
-    method: str  # a method's name, or METRICS_JOB
+    method: str  # a method's name, or FIT_JOB
+    fit_methods: tuple[str, ...] = ()  # FIT_JOB: the methods whose components it fits
     threads: int
     cpus: tuple[int, ...] = ()
     device: str | None = None
@@ -70,16 +72,17 @@ def _job_workspace(spec: JobSpec) -> Any:
     return Workspace(load_experiment(spec.experiment, spec.overrides), spec.runs_dir, spec.reports_dir, device)
 
 
-def metrics_job(spec: JobSpec) -> dict[str, float]:
-    """Fit the metrics' feature extractors (runs in the job's process); returns
-    {"fit": seconds}."""
-    from spheregen.fit import fit_experiment
+def fit_job(spec: JobSpec) -> dict[str, float]:
+    """The fit stage (runs in the job's process): the metrics' feature extractors first,
+    then each method's fitted components; returns {"stage": seconds}."""
+    from spheregen.fit import describe, fit_experiment
 
     t0 = time.perf_counter()
     ws = _job_workspace(spec)
-    for result in fit_experiment(ws, entries=[], metrics=True, resume=spec.resume, progress=False):
-        print(f"{result.name}: {'fitted' if result.fitted_now else 'found'} at {result.folder}", file=sys.stderr)
-    return {"fit": time.perf_counter() - t0}
+    entries = [ws.exp.method(name) for name in spec.fit_methods]
+    for result in fit_experiment(ws, entries, resume=spec.resume, progress=False):
+        print(describe(result), file=sys.stderr)
+    return {"stage": time.perf_counter() - t0}
 
 
 def method_job(spec: JobSpec) -> dict[str, float]:
@@ -144,7 +147,7 @@ def make_executor(launcher: str, folder: Path, options: dict[str, Any]) -> Any:
 
 def _progress(ws: Any, name: str) -> str:
     """'step s/S' from a method's training log, 'sampling' once it has weights."""
-    if name == METRICS_JOB:
+    if name == FIT_JOB:
         return "fitting"
     if ws.paths.final(name).is_file():
         return "sampling / scoring"
@@ -153,15 +156,15 @@ def _progress(ws: Any, name: str) -> str:
         last = log.read_text().strip().splitlines()[-1]
         return f"step {json.loads(last)['step']}/{ws.exp.method(name).train.steps}"
     except (OSError, IndexError, ValueError, KeyError):
-        return "starting"
+        return "preparing"
 
 
 def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, executor: Any,
              gpus: list[int] | None = None, poll_s: float = 1.0, report_s: float = 15.0,
              times: dict[str, float] | None = None) -> list[str]:
-    """Run one job per name (a method, or :data:`METRICS_JOB`), at most ``jobs`` at once;
-    returns the failed names (each reported with its log on stderr). A failed metrics
-    job cancels the rest: nothing can be scored without it. ``gpus``: one GPU index per
+    """Run one job per name (a method, or :data:`FIT_JOB`), at most ``jobs`` at once;
+    returns the failed names (each reported with its log on stderr). A failed fit job
+    cancels the rest: they need what it fits. ``gpus``: one GPU index per
     slot; ``times`` receives each job's "<part> <name>" seconds."""
     shares = core_shares(jobs) if gpus is None else [() for _ in gpus]
     slots = list(range(len(shares)))
@@ -174,13 +177,13 @@ def run_jobs(ws: Any, names: list[str], specs: dict[str, JobSpec], jobs: int, ex
             spec = attrs.evolve(specs[name], cpus=shares[slot])
             if gpus is not None:
                 executor.update_parameters(visible_gpus=(gpus[slot],), gpus_per_node=1)
-            running[name] = (slot, executor.submit(metrics_job if name == METRICS_JOB else method_job, spec))
+            running[name] = (slot, executor.submit(fit_job if name == FIT_JOB else method_job, spec))
         for name, (slot, job) in list(running.items()):
             if job.done():
                 del running[name]
                 slots.append(slot)
                 _finish(name, job, failed, times if times is not None else {})
-                if METRICS_JOB in failed:
+                if FIT_JOB in failed:
                     _cancel(running, queue, failed)
                     break
         if time.monotonic() - last_report >= report_s and running:
@@ -206,7 +209,7 @@ def _cancel(running: dict[str, Any], queue: list[str], failed: list[str]) -> Non
     """Stop every running job and drop the queued ones (they count as failed)."""
     for name, (_, job) in running.items():
         job.cancel(check=False)
-        print(f"[jobs] {name}: cancelled (the metrics could not be fitted)", file=sys.stderr)
+        print(f"[jobs] {name}: cancelled (the fit stage failed)", file=sys.stderr)
     failed.extend([*running, *queue])
     running.clear()
     queue.clear()

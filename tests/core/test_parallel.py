@@ -55,23 +55,25 @@ def test_two_jobs_equal_one(tmp_path, monkeypatch):
     columns = [c for c in a.columns if c not in TIMING]
     assert a.select(columns).equals(b.select(columns))
     assert a["fid"].null_count() == 0 and b["train_gflops_total"].null_count() == 0
-    # the metrics' fit and each method's scoring ran in jobs, beside the others
+    # the fit stage and each method's scoring ran in jobs, beside the others
     stages = json.loads((tmp_path / "par" / "reports" / "par" / "timing.json").read_text())["stages_s"]
-    assert {"  fit metrics (job)", "  evaluate fm-a (job)", "  evaluate fm-b (job)"} <= set(stages)
+    assert {"  stage fit (job)", "  evaluate fm-a (job)", "  evaluate fm-b (job)"} <= set(stages)
     assert "evaluate" not in stages
 
 
-def test_a_failing_metrics_job_stops_the_run(tmp_path, capsys, monkeypatch):
-    """Inception FID without its weights offline: the metrics job fails within seconds,
-    the method jobs are stopped, and the run exits 2 naming the cause."""
+def test_a_failing_fit_job_stops_the_run(tmp_path, capsys, monkeypatch):
+    """Inception FID without its weights offline: the fit job fails within seconds, the
+    method jobs are stopped, and the run exits 2 naming the cause."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.setenv("SPHEREGEN_OFFLINE", "1")
     (tmp_path / "par.toml").write_text(EXPERIMENT.replace('features = "domain-classifier"', 'features = "inception"'))
     dirs = ["--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports")]
     code = main(["run", str(tmp_path / "par.toml"), *dirs, "--threads", "1", "--jobs", "2"])
     err = capsys.readouterr().err
-    assert code == 2 and "metrics: FAILED" in err and "could not be fitted" in err, err[-2000:]
-    assert "fm-b" not in err.split("metrics: FAILED")[0] or "cancelled" in err  # queued fm-b never started
+    assert code == 2 and "fit: FAILED" in err and "the fit stage failed" in err and "weights-inception" in err
+    # fm-a ran beside the fit job: cancelled, or failed on the same missing weights if it
+    # reached its sampling first; queued fm-b never started
+    assert ("fm-a: cancelled" in err or "fm-a: FAILED" in err) and "fm-b: done" not in err
     assert not (tmp_path / "reports" / "par" / "results.parquet").exists()
 
 
