@@ -399,8 +399,9 @@ def _common(p: argparse.ArgumentParser, methods: bool = True) -> None:
 
 def _jobs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1,
-                   help="train and sample up to N methods at once (submitit jobs; each pinned to its share of the "
-                        "cores, or its own GPU); results equal a sequential run at the same --threads")
+                   help="run the fit stage and each method (train, sample, evaluate) as submitit jobs, up to N at "
+                        "once (each pinned to its share of the cores, or its own GPU); results equal a sequential "
+                        "run at the same --threads")
     p.add_argument("--launcher", default="local", choices=["local", "slurm"], help="where --jobs run")
     p.add_argument("--partition", help="SLURM partition (--launcher slurm)")
     p.add_argument("--time-min", type=int, help="SLURM time limit per job, minutes (default 1440)")
