@@ -286,7 +286,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     # The fit stage first, which builds the metrics before anything else: missing weights
-    # or an unusable feature space must fail before an hour of training, not after.
+    # or an unusable feature space must fail before an hour of training, not after (with
+    # --jobs it is the first job, and its failure cancels the method jobs beside it).
     # Fitted components are reused (--resume continues an interrupted fit; --fresh
     # retrains the methods, not what `spheregen fit --fresh` refits).
     if args.jobs < 1:
@@ -365,7 +366,8 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     options = {"partition": args.partition, "time_min": args.time_min, "gpus": args.gpus_per_job,
                "cpus": args.cpus_per_job}
     executor = parallel.make_executor(args.launcher, ws.paths.experiment_runs / ".jobs", options)
-    say(f"{len(entries)} method(s) as {args.launcher} jobs, {args.jobs} at a time, {threads} thread(s) each")
+    say(f"the fit stage and {len(entries)} method(s) as {args.launcher} jobs, {args.jobs} at a time, "
+        f"{threads} thread(s) each")
     job_times: dict[str, float] = {}
     failed = parallel.run_jobs(ws, names, specs, args.jobs, executor, gpus or None, times=job_times)
     if getattr(args, "clock", None) is not None:  # each job's own time (they overlap)
@@ -376,7 +378,10 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
                              f"{args.experiment}` runs that stage alone)")
     if failed:
         if any(e.name not in failed for e in entries):  # the others evaluated their rows: report them
-            cmd_report(args)
+            try:
+                cmd_report(args)
+            except SpheregenError as exc:  # the jobs' failure is the error to exit with
+                print(f"spheregen: the report of the other methods failed too: {exc}", file=sys.stderr)
         raise SpheregenError(f"job(s) failed: {', '.join(failed)} (logs above); the other methods' weights, "
                              "samples and results are kept")
 

@@ -30,7 +30,7 @@ from spheregen.validators import non_negative, positive, proper_fraction
 
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # folders spheregen itself keeps beside the method runs of an experiment
-RESERVED_METHOD_NAMES = ("samples",)
+RESERVED_METHOD_NAMES = ("samples", "fit")  # a folder of runs/<experiment>/, and run --jobs's fit job
 
 
 def _check_name(what: str, value: str) -> None:
@@ -45,7 +45,7 @@ def _check_name(what: str, value: str) -> None:
 def _check_run_id(value: str) -> None:
     _check_name("method", value)
     if value in RESERVED_METHOD_NAMES:
-        raise ValueError(f"method name {value!r} is reserved (runs/<experiment>/{value}/ is spheregen's); rename it")
+        raise ValueError(f"method name {value!r} is reserved (spheregen names its own folder or job so); rename it")
 
 
 def _betas(_inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:

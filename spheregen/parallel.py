@@ -9,8 +9,8 @@ every component of the methods that spheregen fits, such as a trained tokenizer)
 first job, :data:`FIT_JOB`, and runs beside the first method jobs instead of before
 them, each component fitted once. A method job that needs a component before the fit
 job has finished it waits for it and loads it (the fit folder's lock); the metrics come
-first in the fit job, and the methods need them only when they sample (guidance
-selection). Jobs start in the experiment file's order after the fit job, at most N at
+first in the fit job, and the methods need them only once they sample (guidance
+selection) and score. Jobs start in the experiment file's order after the fit job, at most N at
 once: list the methods that need no fitted component first, so that they run while it
 fits. A method job trains (unless its weights exist for the same config), samples
 (unless its sample files are current) and scores its samples (unless its result rows
@@ -90,6 +90,7 @@ def method_job(spec: JobSpec) -> dict[str, float]:
     seconds each part took ({"train": s, "sample": s, "evaluate": s}, a part skipped as
     current is absent)."""
     from spheregen.evaluation import evaluate, results_current, sample_entry, samples_current
+    from spheregen.fit import fit_session
     from spheregen.runner import is_trained, train
     from spheregen.tracking import log_evaluation
 
@@ -100,15 +101,18 @@ def method_job(spec: JobSpec) -> dict[str, float]:
     if spec.resume or spec.fresh or not is_trained(ws, entry):
         train(ws, entry, resume=spec.resume, fresh=spec.fresh)
         times["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if spec.fresh or not samples_current(ws, entry):
-        sample_entry(ws, entry, ws.device)
-        times["sample"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if spec.fresh or not results_current(ws, entry):
-        evaluate(ws, [entry.name], ws.device, beside_others=True)
-        log_evaluation(ws, [entry.name])
-        times["evaluate"] = time.perf_counter() - t0
+    # the metrics are built inside the fit stage's session: a job that reaches them before
+    # the fit job took their lock fits them as the fit job would (resuming an interrupted fit)
+    with fit_session(ws, resume=spec.resume, progress=False):
+        t0 = time.perf_counter()
+        if spec.fresh or not samples_current(ws, entry):
+            sample_entry(ws, entry, ws.device)
+            times["sample"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if spec.fresh or not results_current(ws, entry):
+            evaluate(ws, [entry.name], ws.device, beside_others=True)
+            log_evaluation(ws, [entry.name])
+            times["evaluate"] = time.perf_counter() - t0
     return times
 
 

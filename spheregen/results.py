@@ -107,13 +107,17 @@ def _merge(path: Path, frame: pl.DataFrame, key: str, keep: list[str]) -> pl.Dat
     return pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
 
 
-def _tokenizer_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    """One row per tokenizer identity (config hash); ``methods`` lists its users."""
+def _tokenizer_frame(rows: list[dict[str, Any]], order: list[str]) -> pl.DataFrame:
+    """One row per tokenizer identity (config hash); ``methods`` lists its users in the
+    experiment's ``order`` (not in the order the jobs of ``run --jobs`` wrote them)."""
     merged: dict[str, dict[str, Any]] = {}
+    users: dict[str, set[str]] = {}
     for row in rows:
-        seen = merged.setdefault(row["config_hash"], dict(row))
-        if row["methods"] not in seen["methods"].split(", "):
-            seen["methods"] += f", {row['methods']}"
+        merged.setdefault(row["config_hash"], dict(row))
+        users.setdefault(row["config_hash"], set()).update(str(row["methods"]).split(", "))
+    rank = {m: i for i, m in enumerate(order)}
+    for key, row in merged.items():
+        row["methods"] = ", ".join(sorted(users[key], key=lambda m: (rank.get(m, len(rank)), m)))
     return pl.from_dicts(list(merged.values()), infer_schema_length=None)
 
 
@@ -166,7 +170,7 @@ def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict
     if tokenizer_rows:
         tok_path = report / "tokenizers.parquet"
         old_file = _read_or_set_aside(tok_path)
-        tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), [m.name for m in ws.exp.methods]))
+        tokens = _tokenizer_frame(_with_old_users(old_file, list(tokenizer_rows), names), names)
         if old_file is not None:  # rows of tokenizers whose users were not re-evaluated stand
             old = _unreplaced(old_file, tokens, names)
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens

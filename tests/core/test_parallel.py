@@ -89,6 +89,15 @@ def test_a_failing_job_keeps_the_others(tmp_path, capsys, monkeypatch):
     assert set(rows["method"]) == {"fm-a"}
 
 
+def test_fit_is_not_a_method_name(tmp_path, capsys):
+    """`fit` names run --jobs's fit job: a method of that name would be run as it."""
+    (tmp_path / "par.toml").write_text(EXPERIMENT.replace('name = "fm-a"', 'name = "fit"'))
+    code = main(["run", str(tmp_path / "par.toml"), "--runs-dir", str(tmp_path / "r"), "--reports-dir",
+                 str(tmp_path / "o"), "--jobs", "2"])
+    assert code == 2 and "'fit' is reserved" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_jobs_must_be_positive(tmp_path, capsys):
     assert _run(tmp_path, "x", "--jobs", "0") == 2
     assert "--jobs 0" in capsys.readouterr().err

@@ -285,3 +285,14 @@ def test_the_report_module_needs_neither_the_runner_nor_accelerate():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_shared_tokenizer_lists_its_users_in_the_experiments_order():
+    """Jobs of `run --jobs` write their rows in the order they finish; the "used by" column
+    must not depend on it."""
+    from spheregen.results import _tokenizer_frame
+
+    row = {"config_hash": "abc", "psnr": 27.0}
+    rows = [{**row, "methods": "meanflow"}, {**row, "methods": "fm-latent, sphere-latent"}]
+    frame = _tokenizer_frame(rows, ["sphere-latent", "fm-latent", "meanflow"])
+    assert frame["methods"].to_list() == ["sphere-latent, fm-latent, meanflow"]

@@ -69,6 +69,7 @@ def test_swiglu_feature_major_equals_the_plain_formula():
         return f.linear(f.silu(a) * b, net.w3.weight, net.w3.bias)
 
     got, want = net(x), plain(x)
+    assert type(got.grad_fn).__name__ == "_SwiGLUTBackward"  # the CPU path was the one tested
     assert torch.allclose(got, want, atol=1e-12)
     grad = torch.randn_like(got)
     params = [x, *net.parameters()]
@@ -76,6 +77,13 @@ def test_swiglu_feature_major_equals_the_plain_formula():
         assert torch.allclose(g_got, g_want, atol=1e-12)
     with torch.no_grad():
         assert torch.allclose(net(x), want, atol=1e-12)
+    # only the output layer trains (x and w12 frozen): its gradients alone, still exact
+    net.w12.requires_grad_(False)
+    frozen_in = x.detach()
+    got, want = net(frozen_in), plain(frozen_in)
+    out_params = [net.w3.weight, net.w3.bias]
+    for g_got, g_want in zip(torch.autograd.grad(got, out_params, grad), torch.autograd.grad(want, out_params, grad)):
+        assert torch.allclose(g_got, g_want, atol=1e-12)
 
 
 @pytest.mark.parametrize("module", ["block", "mixer"])
