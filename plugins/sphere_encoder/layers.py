@@ -183,9 +183,24 @@ def rms_modulate(x: Tensor, norm: RmsNorm, shift: Tensor, scale: Tensor) -> Tens
     return _RmsModulate.apply(x, s, shift, norm.eps)
 
 
+# Feature-major activations are hidden×R with R = batch·tokens, a power of two in
+# training (4,096 or 8,192 rows at the tiny size). Read transposed by BLAS (the w3 product
+# and the input gradient), a row stride of a power of two maps every element of a column
+# to the same cache sets: at 1 thread those two products ran 1.3-1.6× slower than with
+# the rows padded by 16 floats (64 bytes), which costs nothing else
+# (benchmarks/README.md, bench_vs_official.py).
+ROW_PAD = 16
+
+
+def _padded(like: Tensor, rows: int, cols: int) -> Tensor:
+    """An uninitialised rows×cols view of a rows×(cols + ROW_PAD) buffer (row stride not
+    a power of two)."""
+    return like.new_empty(rows, cols + ROW_PAD)[:, :cols]
+
+
 def _swiglu_hidden_t(rows: Tensor, w12: Tensor, b12: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
-    """aᵀ, bᵀ (hidden×R each, contiguous) of [a, b] = rows·w12ᵀ + b12 (rows: R×D)."""
-    both = torch.mm(w12, rows.t()).add_(b12.unsqueeze(1))
+    """aᵀ, bᵀ (hidden×R each, rows padded) of [a, b] = rows·w12ᵀ + b12 (rows: R×D)."""
+    both = torch.mm(w12, rows.t(), out=_padded(rows, w12.shape[0], rows.shape[0])).add_(b12.unsqueeze(1))
     return both[:hidden], both[hidden:]
 
 
@@ -206,8 +221,8 @@ class _SwiGLUT(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w12: Tensor, b12: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         at, bt = _swiglu_hidden_t(rows, w12, b12, w3.shape[1])
-        st = F.silu(at)
-        ht = st * bt
+        st = torch.ops.aten.silu.out(at, out=_padded(at, *at.shape))
+        ht = torch.mul(st, bt, out=_padded(at, *at.shape))
         ctx.save_for_backward(rows, w12, w3, at, bt, st, ht)
         ctx.x_shape = x.shape
         return torch.mm(ht.t(), w3.t()).add_(b3).view(x.shape)
@@ -224,8 +239,8 @@ class _SwiGLUT(torch.autograd.Function):
         if not (need_x or need_w12 or need_b12):
             return None, None, None, grad_w3, grad_b3
         hidden = w3.shape[1]
-        ght = torch.mm(w3.t(), gy.t())  # H×R
-        g12 = ght.new_empty(2 * hidden, ght.shape[1])
+        ght = torch.mm(w3.t(), gy.t(), out=_padded(gy, hidden, gy.shape[0]))  # H×R
+        g12 = _padded(ght, 2 * hidden, ght.shape[1])
         torch.ops.aten.silu_backward.grad_input(ght * bt, at, grad_input=g12[:hidden])
         torch.mul(ght, st, out=g12[hidden:])
         grad_x = torch.mm(g12.t(), w12).view(ctx.x_shape) if need_x else None
@@ -276,9 +291,21 @@ def _feature_major_ok(x: Tensor) -> bool:
     return x.device.type == "cpu" and _complex_ok(x)
 
 
+def rope_cis(cos: Tensor, sin: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """The RoPE rotations as complex numbers, N×2×H×hd/2 (q and k, every head), from the
+    N×hd tables: (x0 + i x1)(c + i s) = (x0 c - x1 s) + i(x1 c + x0 s) rotates each pair.
+    Materialised over q/k and heads (8,192 numbers at the tiny size) rather than
+    broadcast: a broadcast table makes the complex ops' inner loop hd/2 long, which ran
+    them ~20% (forward) to 2× (backward) slower at 64 tokens."""
+    n, half = cos.shape[0], cos.shape[1] // 2
+    cis = torch.complex(cos[:, 0::2].to(dtype), sin[:, 0::2].to(dtype)).view(n, 1, 1, half)
+    return cis.expand(n, 2, heads, half).contiguous()
+
+
 def _qkv_rope(x: Tensor, weight: Tensor, bias_qk: Tensor, cis: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (B×N×H×hd each) of the qkv projection x·Wᵀ (x: B×N×W, W: 3W×W) with the q/k
-    biases (2W) added and RoPE applied (cis: N×1×1×hd/2 complex); v has no bias.
+    biases (2W) added and RoPE applied (cis: N×2×H×hd/2 complex, :func:`rope_cis`); v has
+    no bias.
 
     rope(q + b_q) = rope(q) + rope(b_q): the rotated biases (N×2×H×hd/2) are added by
     the op that rotates q and k."""
@@ -312,7 +339,8 @@ class _QkvRope(torch.autograd.Function):
         hd = w // ctx.heads
         unused = any(g is None for g in (grad_q, grad_k, grad_v))
         grads = (x.new_zeros if unused else x.new_empty)(b, n, 3, ctx.heads, hd)
-        back = cis.conj().view(n, 1, hd // 2)
+        # N×H×hd/2, materialised: a broadcast over heads would cut the op's inner loop to hd/2
+        back = cis.expand(n, 2, ctx.heads, hd // 2)[:, 0].conj_physical()
         for i, g in enumerate((grad_q, grad_k)):
             if g is not None:
                 out = torch.view_as_complex(grads[:, :, i].unflatten(-1, (-1, 2)))
@@ -348,9 +376,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             out = F.scaled_dot_product_attention(q, k, v)
             return self.proj(out.transpose(1, 2).reshape(b, n, w))
-        cos, sin = rope
-        # (x0 + i x1)(c + i s) = (x0 c - x1 s) + i(x1 c + x0 s): the rotation of each pair.
-        cis = torch.complex(cos[:, 0::2].to(x.dtype), sin[:, 0::2].to(x.dtype)).view(n, 1, 1, hd // 2)
+        cis = rope_cis(*rope, h, x.dtype)
         weight, bias_qk = self.qkv.weight, self.qkv.bias[: 2 * w]  # the v bias is folded in below
         if _no_graph():
             q, k, v = _qkv_rope(x, weight, bias_qk, cis, h)

@@ -16,6 +16,7 @@ from spheregen_plugins.sphere_encoder.layers import (
     _RmsModulate,
     _SwiGLUT,
     axial_rope_2d,
+    rope_cis,
 )
 
 B, N, D = 3, 4, 8
@@ -41,7 +42,7 @@ def test_gated_residual_gradcheck(g_shape):
 def test_qkv_rope_gradcheck():
     heads, hd, grid = 2, 4, 2  # N = grid² = 4 tokens, width 8
     cos, sin = axial_rope_2d(hd, grid)
-    cis = torch.complex(cos[:, 0::2].double(), sin[:, 0::2].double()).view(grid * grid, 1, 1, hd // 2)
+    cis = rope_cis(cos, sin, heads, torch.float64)
 
     def f(x, weight, bias_qk):
         return _QkvRope.apply(x, weight, bias_qk, cis, heads)
