@@ -294,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SpheregenError(f"--jobs {args.jobs}: give a number of parallel jobs >= 1")
     args.clock = {}
     t0 = time.perf_counter()
-    with _clock(args, "fit"):
+    with _clock(args, "fit" if args.jobs == 1 else "data"):  # with jobs, the fit is a job
         cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics
