@@ -16,8 +16,9 @@ measures the effect); results agree with the plain formulas to fp32 rounding:
   into the output projection's bias (softmax rows sum to 1);
 * matmuls are a plain ``mm`` plus an in-place bias (:func:`linear`); on CPU the SwiGLU
   hidden layer is computed feature-major (hidden×tokens, :class:`_SwiGLUT`), because
-  BLAS runs the products with an odd hidden width (341 at width 128) in that layout at
-  ~1.6× the rate of the token-major one; token mixing is a batched matmul on B×N×D
+  BLAS runs products whose output rows are the odd hidden width (341 at width 128) at
+  ~60% of the rate of the feature-major ones, with its rows padded so that their stride
+  is not a power of two (:data:`ROW_PAD`); token mixing is a batched matmul on B×N×D
   (no transposes), gated residuals are ``addcmul``;
 * without autograd (sampling) activations are applied in place;
 * with autograd (training) the norm + modulation, the gated residuals and the qkv

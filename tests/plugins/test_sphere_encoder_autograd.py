@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spheregen_plugins.sphere_encoder.layers import (
+    ROW_PAD,
     Block,
     MixerBlock,
     SwiGLU,
@@ -85,6 +86,22 @@ def test_swiglu_feature_major_equals_the_plain_formula():
     out_params = [net.w3.weight, net.w3.bias]
     for g_got, g_want in zip(torch.autograd.grad(got, out_params, grad), torch.autograd.grad(want, out_params, grad)):
         assert torch.allclose(g_got, g_want, atol=1e-12)
+
+
+def test_feature_major_activations_have_padded_rows():
+    """The saved hidden activations (hidden×R) of a power-of-two R keep a padded row
+    stride, which the products reading them transposed need (layers.ROW_PAD), and the
+    input gradient through them is still exact."""
+    torch.manual_seed(0)
+    net = SwiGLU(D, 7).double()
+    x = _rand(2, 32, D)  # R = 64 rows
+    y = net(x)
+    saved = y.grad_fn.saved_tensors[3:]  # aᵀ, bᵀ, silu(a)ᵀ, hᵀ
+    stride = 64 + ROW_PAD
+    assert [t.stride(0) for t in saved] == [stride] * 4 and stride & (stride - 1)  # not a power of two
+    with torch.no_grad():
+        assert torch.allclose(net(x), y, atol=1e-12)
+    assert torch.autograd.gradcheck(net, (x,))
 
 
 @pytest.mark.parametrize("module", ["block", "mixer"])
