@@ -344,6 +344,8 @@ class _QkvRope(torch.autograd.Function):
         back = cis.expand(n, 2, ctx.heads, hd // 2)[:, 0].conj_physical()
         for i, g in enumerate((grad_q, grad_k)):
             if g is not None:
+                if g.stride(-1) != 1:  # view_as_complex needs unit-stride pairs (an sdpa math backend's grads)
+                    g = g.contiguous()
                 out = torch.view_as_complex(grads[:, :, i].unflatten(-1, (-1, 2)))
                 torch.mul(torch.view_as_complex(g.unflatten(-1, (-1, 2))), back, out=out)
         if grad_v is not None:

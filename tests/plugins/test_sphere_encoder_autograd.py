@@ -58,6 +58,20 @@ def test_swiglu_feature_major_gradcheck():
     assert torch.autograd.gradcheck(_SwiGLUT.apply, args)
 
 
+def test_qkv_rope_backward_takes_gradients_of_any_layout():
+    """Gradients of q/k whose last dim is not unit-stride (what a transposing consumer,
+    such as an SDPA math backend, sends back) give the same input gradient."""
+    heads, hd, grid = 2, 4, 2
+    cis = rope_cis(*axial_rope_2d(hd, grid), heads, torch.float64)
+    x, weight, bias_qk = _rand(B, grid * grid, heads * hd), _rand(3 * heads * hd, heads * hd), _rand(2 * heads * hd)
+    target = torch.randn(B, grid * grid, heads, hd, dtype=torch.float64)
+    q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, heads)
+    strided = torch.autograd.grad((q.transpose(-1, -2) * target.transpose(-1, -2)).sum() + k.sum(), x)[0]
+    q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, heads)
+    plain = torch.autograd.grad((q * target).sum() + k.sum(), x)[0]
+    assert torch.allclose(strided, plain, atol=1e-12)
+
+
 def test_swiglu_feature_major_equals_the_plain_formula():
     """The CPU path (hidden feature-major, hand-written backward) against
     w3(silu(a)·b) written with F.linear, in float64, forward and gradients."""
