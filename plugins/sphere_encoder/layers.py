@@ -188,14 +188,14 @@ def rms_modulate(x: Tensor, norm: RmsNorm, shift: Tensor, scale: Tensor) -> Tens
 # training (4,096 or 8,192 rows at the tiny size). Read transposed by BLAS (the w3 product
 # and the input gradient), a row stride of a power of two maps every element of a column
 # to the same cache sets: at 1 thread those two products ran 1.3-1.6× slower than with
-# the rows padded by 16 floats (64 bytes), which costs nothing else
+# the rows padded by 16 floats (64 bytes; 16/R more memory, nothing else)
 # (benchmarks/README.md, bench_vs_official.py).
 ROW_PAD = 16
 
 
 def _padded(like: Tensor, rows: int, cols: int) -> Tensor:
-    """An uninitialised rows×cols view of a rows×(cols + ROW_PAD) buffer (row stride not
-    a power of two)."""
+    """An uninitialised rows×cols view of a rows×(cols + ROW_PAD) buffer: its row stride
+    is not a power of two when cols is one (the batch·token counts that are)."""
     return like.new_empty(rows, cols + ROW_PAD)[:, :cols]
 
 
@@ -211,7 +211,8 @@ class _SwiGLUT(torch.autograd.Function):
     On CPU BLAS a matmul whose output has R rows of hidden = int(8W/3) columns (341
     at width 128, not a multiple of the vector width) runs at about 60% of the rate
     of the same product written as w12·rowsᵀ, whose output rows are R long; the
-    feature-major hidden also makes its halves contiguous without a second matmul,
+    feature-major hidden also makes each half a block of unit-stride rows without a
+    second matmul,
     and the backward's hidden gradient w3ᵀ·dyᵀ is the fast shape too
     (benchmarks/bench_vs_official.py). The backward writes d[a; b] into one buffer
     so that the input and w12 gradients are one matmul each.
@@ -344,8 +345,8 @@ class _QkvRope(torch.autograd.Function):
         back = cis.expand(n, 2, ctx.heads, hd // 2)[:, 0].conj_physical()
         for i, g in enumerate((grad_q, grad_k)):
             if g is not None:
-                if g.stride(-1) != 1:  # view_as_complex needs unit-stride pairs (an sdpa math backend's grads)
-                    g = g.contiguous()
+                if g.stride(-1) != 1 or g.storage_offset() % 2 or any(st % 2 for st in g.stride()[:-1]):
+                    g = g.contiguous()  # view_as_complex needs whole pairs (an SDPA math backend's grads)
                 out = torch.view_as_complex(grads[:, :, i].unflatten(-1, (-1, 2)))
                 torch.mul(torch.view_as_complex(g.unflatten(-1, (-1, 2))), back, out=out)
         if grad_v is not None:

@@ -59,6 +59,7 @@ def test_two_jobs_equal_one(tmp_path, monkeypatch):
     stages = json.loads((tmp_path / "par" / "reports" / "par" / "timing.json").read_text())["stages_s"]
     assert {"  stage fit (job)", "  evaluate fm-a (job)", "  evaluate fm-b (job)"} <= set(stages)
     assert "evaluate" not in stages
+    assert "data" in stages and "fit" not in stages  # with jobs the fit is a job, the first stage the data
 
 
 def test_a_failing_fit_job_stops_the_run(tmp_path, capsys, monkeypatch):

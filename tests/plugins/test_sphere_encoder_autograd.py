@@ -59,16 +59,17 @@ def test_swiglu_feature_major_gradcheck():
 
 
 def test_qkv_rope_backward_takes_gradients_of_any_layout():
-    """Gradients of q/k whose last dim is not unit-stride (what a transposing consumer,
-    such as an SDPA math backend, sends back) give the same input gradient."""
+    """q/k gradients whose last dim is not unit-stride (an SDPA math backend sends k's
+    back so) give the same input gradient as contiguous ones."""
     heads, hd, grid = 2, 4, 2
     cis = rope_cis(*axial_rope_2d(hd, grid), heads, torch.float64)
     x, weight, bias_qk = _rand(B, grid * grid, heads * hd), _rand(3 * heads * hd, heads * hd), _rand(2 * heads * hd)
-    target = torch.randn(B, grid * grid, heads, hd, dtype=torch.float64)
     q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, heads)
-    strided = torch.autograd.grad((q.transpose(-1, -2) * target.transpose(-1, -2)).sum() + k.sum(), x)[0]
-    q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, heads)
-    plain = torch.autograd.grad((q * target).sum() + k.sum(), x)[0]
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    gq_t, gk_t = (g.transpose(-1, -2).contiguous().transpose(-1, -2) for g in (gq, gk))
+    assert gq_t.stride(-1) != 1 and gk_t.stride(-1) != 1 and torch.equal(gq_t, gq)
+    strided = torch.autograd.grad((q, k), x, (gq_t, gk_t), retain_graph=True)[0]
+    plain = torch.autograd.grad((q, k), x, (gq, gk))[0]
     assert torch.allclose(strided, plain, atol=1e-12)
 
 
