@@ -341,8 +341,7 @@ class _QkvRope(torch.autograd.Function):
         hd = w // ctx.heads
         unused = any(g is None for g in (grad_q, grad_k, grad_v))
         grads = (x.new_zeros if unused else x.new_empty)(b, n, 3, ctx.heads, hd)
-        # N×H×hd/2, materialised: a broadcast over heads would cut the op's inner loop to hd/2
-        back = cis.expand(n, 2, ctx.heads, hd // 2)[:, 0].conj_physical()
+        back = cis[:, 0].conj_physical()  # N×H×hd/2 (rope_cis's q half; conj rotates back)
         for i, g in enumerate((grad_q, grad_k)):
             if g is not None:
                 if g.stride(-1) != 1 or g.storage_offset() % 2 or any(st % 2 for st in g.stride()[:-1]):

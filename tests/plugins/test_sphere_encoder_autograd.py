@@ -59,18 +59,21 @@ def test_swiglu_feature_major_gradcheck():
 
 
 def test_qkv_rope_backward_takes_gradients_of_any_layout():
-    """q/k gradients whose last dim is not unit-stride (an SDPA math backend sends k's
-    back so) give the same input gradient as contiguous ones."""
+    """q/k gradients that cannot be viewed as complex pairs (last dim not unit-stride, as
+    an SDPA math backend sends k's back; or an odd offset and odd strides, as a slice
+    of a wider buffer) give the same input gradient as contiguous ones."""
     heads, hd, grid = 2, 4, 2
     cis = rope_cis(*axial_rope_2d(hd, grid), heads, torch.float64)
     x, weight, bias_qk = _rand(B, grid * grid, heads * hd), _rand(3 * heads * hd, heads * hd), _rand(2 * heads * hd)
     q, k, v = _QkvRope.apply(x, weight, bias_qk, cis, heads)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
-    gq_t, gk_t = (g.transpose(-1, -2).contiguous().transpose(-1, -2) for g in (gq, gk))
-    assert gq_t.stride(-1) != 1 and gk_t.stride(-1) != 1 and torch.equal(gq_t, gq)
-    strided = torch.autograd.grad((q, k), x, (gq_t, gk_t), retain_graph=True)[0]
+    gq_t = gq.transpose(-1, -2).contiguous().transpose(-1, -2)  # last dim strided
+    gk_odd = torch.cat([torch.zeros_like(gk[..., :1]), gk], dim=-1)[..., 1:]  # offset 1, row stride hd + 1
+    assert gq_t.stride(-1) != 1 and gk_odd.storage_offset() == 1 and gk_odd.stride(-2) % 2
+    assert torch.equal(gq_t, gq) and torch.equal(gk_odd, gk)
+    awkward = torch.autograd.grad((q, k), x, (gq_t, gk_odd), retain_graph=True)[0]
     plain = torch.autograd.grad((q, k), x, (gq, gk))[0]
-    assert torch.allclose(strided, plain, atol=1e-12)
+    assert torch.allclose(awkward, plain, atol=1e-12)
 
 
 def test_swiglu_feature_major_equals_the_plain_formula():
