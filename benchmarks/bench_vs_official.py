@@ -18,10 +18,14 @@ equal and prints them. Workloads:
   r = 1): ``G.generate`` against ``SphereSampler.sample``.
 
 Protocol: for each thread count (``torch.set_num_threads``) and workload, one warm-up
-call of each side, then ``repeats`` rounds that call both sides back to back in
-alternating order. A row reports each side's median rate and the ratio spheregen /
-official (> 1: spheregen is faster) as the median of the per-round ratios, so the
-drift of a shared machine's load cancels within a round. The official repository is
+call of each side, then rounds (7 per sampling row, 15 for the training step) that call
+both sides back to back in alternating order. A row reports each side's median rate and
+the ratio spheregen / official (> 1: spheregen is faster) as the median of the
+per-round ratios, so the drift of a shared machine's load cancels within a round, with
+a distribution-free confidence interval of that median (order statistics of the
+per-round ratios). On the shared development machine single training rounds at 2
+threads ranged 0.99-1.86 in one run; with 7 rounds the printed median moved ±0.08 from
+run to run, hence the 15 training rounds. The official repository is
 imported from ``--official`` (a checkout, or ``git archive`` of its ``sphere`` folder);
 nothing of it is copied into spheregen. Its ``SIZE_DICT`` gets a ``tiny`` entry at run
 time (the official sizes start at width 512), and its perceptual term, off in this
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -72,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="folder holding the official 'sphere' package (a checkout of constantinp/sphere-encoder)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (default: 1 2)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (about 1 minute per thread count)")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds per workload (default 7, --quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds per sampling row (default 7, --quick 3)")
+    ap.add_argument("--train-repeats", type=int, default=None,
+                    help="rounds of the training step (default 15, --quick 5)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--guidance", type=float, default=1.2)
     ap.add_argument("--no-sample", action="store_true", help="time the training step only")
@@ -238,9 +245,24 @@ def paired(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> 
             wall[side].append(time.perf_counter() - start)
     ratios = [b / a for a, b in zip(wall["ours"], wall["theirs"])]
     cpu_ratios = [b / a for a, b in zip(cpu["ours"], cpu["theirs"])]
+    low, high, coverage = median_ci(ratios)
     return {"ours_s": statistics.median(wall["ours"]), "theirs_s": statistics.median(wall["theirs"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio": statistics.median(ratios), "ratio_low": low, "ratio_high": high, "coverage": coverage,
             "cpu_ratio": statistics.median(cpu_ratios), "repeats": repeats}
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): the order-statistic confidence interval of the median of
+    ``values`` (any continuous distribution; rounds independent). [x_(k), x_(n+1-k)] with
+    the largest k whose exact coverage 1 − 2·P(Binomial(n, ½) < k) is still ≥ ``level``;
+    with too few values (n < 6 for 95%) the range [min, max] and its own coverage."""
+    xs, n = sorted(values), len(values)
+    tail = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(Binomial(n, 1/2) = i)
+    k, below = 1, tail[0]  # below: P(Binomial < k)
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * (below + tail[k]) >= level:
+        below += tail[k]
+        k += 1
+    return xs[k - 1], xs[n - k], 1 - 2 * below
 
 
 def op_shares(fn: Callable[[], Any], top: int = 12) -> list[tuple[str, float, int]]:
@@ -255,7 +277,8 @@ def op_shares(fn: Callable[[], Any], top: int = 12) -> list[tuple[str, float, in
     return [(e.key, e.self_cpu_time_total / total, e.count) for e in events[:top]]
 
 
-def run_threads(threads: int, args: argparse.Namespace, method, g, loss_fn, repeats: int) -> list[dict[str, Any]]:
+def run_threads(threads: int, args: argparse.Namespace, method, g, loss_fn, repeats: int,
+                train_repeats: int) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     b = args.batch
     labels = torch.arange(b) % DATA.num_classes
@@ -273,7 +296,7 @@ def run_threads(threads: int, args: argparse.Namespace, method, g, loss_fn, repe
         gen = torch.Generator().manual_seed(1)
         x = torch.rand(b, 3, 32, 32, generator=gen) * 2 - 1
         ours, theirs = spheregen_train_step(method, x, labels), official_train_step(g, loss_fn, x, labels)
-        row = paired(ours, theirs, repeats)
+        row = paired(ours, theirs, train_repeats)
         rows.append({"name": "train step", "unit": "img/s", "per_call": b, **row})
         _progress(threads, rows[-1])
         if args.profile:
@@ -295,6 +318,7 @@ def _progress(threads: int, r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
+    train_repeats = args.train_repeats or (5 if args.quick else 15)
     method = build_spheregen()
     g, loss_fn = build_official(args.official)
     ours_n, theirs_n = count_parameters(method), sum(p.numel() for p in g.parameters())
@@ -305,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if AUTO_PASSIVE in os.environ:
         omp += f" (set by this script: {os.environ[AUTO_PASSIVE]} other runnable task(s) at start)"
     t0 = time.perf_counter()
-    rows = [r for t in args.threads for r in run_threads(t, args, method, g, loss_fn, repeats)]
+    rows = [r for t in args.threads for r in run_threads(t, args, method, g, loss_fn, repeats, train_repeats)]
     load_after = os.getloadavg()
 
     print(f"Sphere Encoder tiny, spheregen vs official G: parameters {ours_n:,} = {theirs_n:,}; batch "
@@ -313,17 +337,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores, OMP_WAIT_POLICY={omp}")
     print(f"load average (1/5/15 min): before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
-    header = (f"{'threads':>7} {'workload':<18} {'spheregen':>12} {'official':>12} {'ratio':>6} {'(min-max)':>11} "
+    header = (f"{'threads':>7} {'workload':<18} {'spheregen':>12} {'official':>12} {'ratio':>6} {'(CI)':>11} "
               f"{'cpu ratio':>9} {'n':>3}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['threads']:>7} {r['name']:<18} {r['per_call'] / r['ours_s']:8.1f} {r['unit']:<3} "
               f"{r['per_call'] / r['theirs_s']:8.1f} {r['unit']:<3} {r['ratio']:6.2f} "
-              f"{r['ratio_min']:5.2f}-{r['ratio_max']:<5.2f} {r['cpu_ratio']:9.2f} {r['repeats']:>3}")
+              f"{r['ratio_low']:5.2f}-{r['ratio_high']:<5.2f} {r['cpu_ratio']:9.2f} {r['repeats']:>3}")
     print("rates: medians over the rounds (images per second; a training step is one batch). ratio: median "
           "over rounds of official wall time / spheregen wall time (> 1: spheregen is faster); cpu ratio: the "
-          "same with the process's CPU time (less sensitive to other jobs taking the cores).")
+          "same with the process's CPU time (less sensitive to other jobs taking the cores). CI: confidence "
+          "interval of the ratio's median from the order statistics of the n per-round ratios (coverage "
+          + ", ".join(sorted({f"{100 * r['coverage']:.1f}% at n = {r['repeats']}" for r in rows})) + ").")
     print(f"(run took {time.perf_counter() - t0:.0f} s)")
     return 0
 

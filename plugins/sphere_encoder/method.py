@@ -101,7 +101,7 @@ class SphereEncoder(nn.Module):
         r = sphere.stratified_unit_radii(b, device=v.device)
         s = sphere.stratified_unit_radii(b, device=v.device)
         r_big = sphere.mix_hard_cases(r, self.cfg.hard_case_prob, self.cfg.noise_angle, self.cfg.hard_case_fix)
-        e = torch.randn_like(v)
+        e = sphere.gaussian_like(v)
         v_big = sphere.perturb(v, r_big * self.sigma_max, e)
         v_small = sphere.perturb(v, r * s * 0.5 * self.sigma_max, e)
         return v_big, v_small

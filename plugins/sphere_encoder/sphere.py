@@ -13,7 +13,8 @@ from torch import Tensor
 
 from spheregen.api import spherify, stratified_unit_radii
 
-__all__ = ["spherify", "stratified_unit_radii", "sigma_max", "hard_angle", "mix_hard_cases", "perturb", "angle_deg"]
+__all__ = ["spherify", "stratified_unit_radii", "sigma_max", "hard_angle", "mix_hard_cases", "perturb", "angle_deg",
+           "gaussian_like"]
 
 MAX_HARD_ANGLE = 89.0
 HARD_EXTRA_ANGLE = 5.0
@@ -49,6 +50,20 @@ def mix_hard_cases(
     u = torch.rand(r.shape, device=r.device, generator=generator, dtype=r.dtype)
     value_u = torch.rand(r.shape, device=r.device, generator=generator, dtype=r.dtype) if fix else u
     return torch.where(u <= prob, 1.0 + value_u * (ratio - 1.0), r)
+
+
+def gaussian_like(v: Tensor) -> Tensor:
+    """N(0, I) with v's shape, strides, dtype and device, drawn in v's memory order.
+
+    The encoder's B×C×H×W latents are token-major in memory (strides B: N·C, C: 1), and
+    ``torch.randn_like`` keeps those strides; on a CPU a tensor that is dense but not
+    contiguous takes torch's scalar normal_ path, 6.7 ms against 0.9 for the vectorised
+    one at 64×32×8×8, single-threaded, every training step. Here the draw is a
+    contiguous tensor of the memory-order shape, permuted back: the same numbers in
+    memory as ``randn`` of that shape (for a contiguous v, exactly ``randn_like(v)``)."""
+    order = sorted(range(v.ndim), key=lambda d: (-v.stride(d), d))  # outermost dim first
+    e = torch.randn([v.shape[d] for d in order], dtype=v.dtype, device=v.device)
+    return e.permute([order.index(d) for d in range(v.ndim)])
 
 
 def perturb(v: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
