@@ -95,6 +95,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402  (after the OpenMP environment is settled)
 
+from spheregen import precision  # noqa: E402
 from spheregen.interfaces import BuildContext, DataSpec  # noqa: E402
 from spheregen_plugins.sphere_encoder.config import SphereEncoderConfig, SphereSamplerConfig  # noqa: E402
 from spheregen_plugins.sphere_encoder.method import build_method  # noqa: E402
@@ -193,10 +194,10 @@ def official_train_step(g: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.T
 
 def spheregen_train_step(method: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """What spheregen's trainer runs per step on one CPU process: ``method.loss``,
-    backward, clip 1.0 over all parameters, its AdamW (runner.py: default
-    implementation), zero_grad."""
+    backward, clip 1.0 over all parameters, its AdamW (``precision.adamw`` as runner.py
+    calls it, ``train.fused_adamw`` at its default false), zero_grad."""
     groups = [{"params": g["params"], "lr": LR * g["lr_scale"]} for g in method.param_groups()]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = precision.adamw(groups, LR, (0.9, 0.95), 0.0, fused=False)
 
     def step() -> None:
         loss, _ = method.loss(x, y)

@@ -297,8 +297,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     with _clock(args, "fit" if args.jobs == 1 else "data"):  # with jobs, the fit is a job
         cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
-    # sample files of the same identity, result rows of the same weights, samples and metrics
-    args.skip_trained = args.skip_current = not (args.resume or args.fresh)
+    # sample files of the same identity, result rows of the same weights, samples and metrics.
+    # --resume continues the training (weights that change make their samples and rows stale
+    # by identity) and still skips what stayed current, as the --jobs path does.
+    args.skip_trained = not (args.resume or args.fresh)
+    args.skip_current = not args.fresh
     if args.jobs > 1:
         with _clock(args, f"fit, train, sample and evaluate ({args.jobs} jobs)"):
             _parallel_jobs(args)

@@ -85,6 +85,11 @@ def test_run_skips_sampling_and_scoring_whose_inputs_did_not_change(run, tmp_pat
     out = capsys.readouterr().out
     assert "samples up to date" in out and "results up to date" in out
     assert (samples.stat().st_mtime_ns, results.stat().st_mtime_ns) == before
+    # --resume continues the training (here: nothing left) and, as with --jobs, keeps what is current
+    assert main(["run", str(exp), *dirs, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already trained" not in out and "samples up to date" in out and "results up to date" in out
+    assert (samples.stat().st_mtime_ns, results.stat().st_mtime_ns) == before
     # a new draw of the same identity (deleted samples, weights retrained elsewhere) is re-scored
     samples.unlink()
     assert main(["run", str(exp), *dirs]) == 0
