@@ -376,8 +376,13 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     if getattr(args, "clock", None) is not None:  # each job's own time (they overlap)
         args.clock.update({f"  {k} (job)": v for k, v in job_times.items()})
     if parallel.FIT_JOB in failed:
+        # a method job stopped while training saves a checkpoint (SIGINT is a preemption)
+        stopped = [e.name for e in entries if not ws.paths.final(e.name).is_file()
+                   and any(ws.paths.checkpoints(e.name).glob("*"))]
+        again = (f"run again with --resume, which continues {', '.join(stopped)} from the checkpoint saved when "
+                 "stopped (--fresh starts over)") if stopped else "run again"
         raise SpheregenError("the fit stage failed (log above): the metrics or a method's component could not be "
-                             "fitted, so the method jobs were stopped; fix it and run again (`spheregen fit "
+                             f"fitted, so the method jobs were stopped; fix it and {again} (`spheregen fit "
                              f"{args.experiment}` runs that stage alone)")
     if failed:
         if any(e.name not in failed for e in entries):  # the others evaluated their rows: report them

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -209,11 +210,35 @@ def _finish(name: str, job: Any, failed: list[str], times: dict[str, float]) -> 
         print(f"[jobs] {name}: FAILED (log: {job.paths.stderr})\n{tail}", file=sys.stderr)
 
 
-def _cancel(running: dict[str, Any], queue: list[str], failed: list[str]) -> None:
-    """Stop every running job and drop the queued ones (they count as failed)."""
+def _cancel(running: dict[str, Any], queue: list[str], failed: list[str], wait_s: float = 30.0) -> None:
+    """Stop every running job and drop the queued ones (they count as failed); waits up
+    to ``wait_s`` for the stopped jobs to end, so that none writes after the run exits."""
     for name, (_, job) in running.items():
-        job.cancel(check=False)
+        _stop(job)
         print(f"[jobs] {name}: cancelled (the fit stage failed)", file=sys.stderr)
+    deadline = time.monotonic() + wait_s
+    while any(not job.done() for _, job in running.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     failed.extend([*running, *queue])
     running.clear()
     queue.clear()
+
+
+def _stop(job: Any) -> None:
+    """Interrupt a job. A local job's own process is a child of submitit's controller
+    process: SIGINT to it ends it (its traceback goes to its log file) and the controller
+    then exits quietly; ``job.cancel`` would interrupt the controller itself, which prints
+    a KeyboardInterrupt traceback on this terminal. Elsewhere (SLURM, or no /proc) it is
+    ``job.cancel``."""
+    controller = getattr(job, "_process", None)
+    try:
+        children = Path(f"/proc/{controller.pid}/task/{controller.pid}/children").read_text().split()
+    except (AttributeError, OSError):
+        children = []
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGINT)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    if not children:
+        job.cancel(check=False)
