@@ -30,7 +30,7 @@ measures the effect); results agree with the plain formulas to fp32 rounding:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +293,23 @@ def _feature_major_ok(x: Tensor) -> bool:
     return x.device.type == "cpu" and _complex_ok(x)
 
 
+class Rope(NamedTuple):
+    """A network's RoPE tables, made once per forward and shared by its blocks: cos and
+    sin (N×hd, :func:`axial_rope_2d`) and, where the complex q/k op runs (fp32 / fp64
+    without autocast), their complex form ``cis`` (:func:`rope_cis`), else None. One
+    table per forward rather than one per block: autograd keeps it for the backward
+    once, not once per block (N·W complex numbers, 2 MB at 256 tokens and width 1024)."""
+
+    cos: Tensor
+    sin: Tensor
+    cis: Tensor | None = None
+
+
+def rope_tables(cos: Tensor, sin: Tensor, heads: int, x: Tensor) -> Rope:
+    """:class:`Rope` for the tokens ``x`` (B×N×W) of a network with ``heads`` heads."""
+    return Rope(cos, sin, rope_cis(cos, sin, heads, x.dtype) if _complex_ok(x) else None)
+
+
 def rope_cis(cos: Tensor, sin: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
     """The RoPE rotations as complex numbers, N×2×H×hd/2 (q and k, every head), from the
     N×hd tables: (x0 + i x1)(c + i s) = (x0 c - x1 s) + i(x1 c + x0 s) rotates each pair.
@@ -371,15 +388,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
         b, n, w = x.shape
         h, hd = self.heads, w // self.heads
         if not _complex_ok(x):
             q, k, v = self.qkv(x).view(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
             out = F.scaled_dot_product_attention(q, k, v)
             return self.proj(out.transpose(1, 2).reshape(b, n, w))
-        cis = rope_cis(*rope, h, x.dtype)
+        cis = rope.cis if rope.cis is not None else rope_cis(rope.cos, rope.sin, h, x.dtype)
         weight, bias_qk = self.qkv.weight, self.qkv.bias[: 2 * w]  # the v bias is folded in below
         if _no_graph():
             q, k, v = _qkv_rope(x, weight, bias_qk, cis, h)
@@ -404,7 +421,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, int(dim * 8 / 3))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if conditional else None
 
-    def forward(self, x: Tensor, c: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | None, rope: Rope) -> Tensor:
         if self.adaLN is None:
             x = x + self.attn(rms_norm(x, self.norm1), rope)
             return x + self.mlp(rms_norm(x, self.norm2))

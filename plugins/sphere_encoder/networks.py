@@ -23,6 +23,7 @@ from spheregen_plugins.sphere_encoder.layers import (
     ModulatedLinear,
     axial_rope_2d,
     linear,
+    rope_tables,
 )
 
 CONV_HEAD_CHANNELS = 32
@@ -35,7 +36,7 @@ class _ViT(nn.Module):
     def __init__(self, *, grid: int, width: int, depth: int, heads: int, head_out: int,
                  num_classes: int, label_dropout: float):
         super().__init__()
-        self.grid, self.width = grid, width
+        self.grid, self.width, self.heads = grid, width, heads
         self.conditional = num_classes > 0
         # A frozen Parameter (not a buffer), as the official code: it is in the
         # checkpoint and in the parameter counts the papers report.
@@ -57,7 +58,7 @@ class _ViT(nn.Module):
         return list(self.blocks)
 
     def run_blocks(self, tokens: Tensor, c: Tensor | None) -> Tensor:
-        rope = (self.rope_cos, self.rope_sin)
+        rope = rope_tables(self.rope_cos, self.rope_sin, self.heads, tokens)
         for blk in self.blocks:
             tokens = blk(tokens, c, rope)
         return self.head(tokens, c)

@@ -18,6 +18,7 @@ from spheregen_plugins.sphere_encoder.layers import (
     _SwiGLUT,
     axial_rope_2d,
     rope_cis,
+    rope_tables,
 )
 
 B, N, D = 3, 4, 8
@@ -130,7 +131,9 @@ def test_training_forward_equals_sampling_forward(module):
         net = Block(width, 2, conditional=True).double()
         for p in net.parameters():  # AdaLN is zero-initialised: give every branch a value
             torch.nn.init.normal_(p, std=0.2)
-        rope = tuple(t.double() for t in axial_rope_2d(8, grid))
+        cos, sin = (t.double() for t in axial_rope_2d(8, grid))
+        rope = rope_tables(cos, sin, 2, torch.empty(B, grid * grid, width, dtype=torch.float64))  # as the ViTs
+        assert rope.cis is not None
         c = torch.randn(B, 1, width, dtype=torch.float64)
         call = lambda x: net(x, c, rope)  # noqa: E731
     else:
