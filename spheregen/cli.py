@@ -155,7 +155,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spheregen.runner import is_trained, train
+    from spheregen.runner import is_trained, train, weights_digest
 
     extend_to = getattr(args, "extend_to", None)
     if extend_to is not None and (args.resume or args.fresh):
@@ -173,8 +173,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.skip_trained and is_trained(ws, entry):
             say(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
+        retrained = getattr(args, "retrained", None)  # run: which methods' weights this invocation changed
+        before = weights_digest(ws, entry) if retrained is not None else None
         with _clock(args, f"train {entry.name}"):
             path = train(ws, entry, resume=args.resume, fresh=args.fresh)
+        if retrained is not None and weights_digest(ws, entry) != before:
+            retrained.add(entry.name)
         say(f"{entry.name}: weights at {path}")
 
 
@@ -183,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     ws = _workspace(args)
     for entry in _entries(ws, args.method):
-        if args.skip_current and samples_current(ws, entry):
+        if args.skip_current and entry.name not in getattr(args, "retrained", ()) and samples_current(ws, entry):
             say(f"{entry.name}: samples up to date ({ws.paths.sample_dir(entry.name)}); skipping")
             continue
         with _clock(args, f"sample {entry.name}"):
@@ -198,7 +202,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ws = _workspace(args)
     entries = _entries(ws, args.method)
     if args.skip_current:
-        current = [e.name for e in entries if results_current(ws, e)]
+        retrained = getattr(args, "retrained", ())
+        current = [e.name for e in entries if e.name not in retrained and results_current(ws, e)]
         for name in current:
             say(f"{name}: results up to date; skipping")
         entries = [e for e in entries if e.name not in current]
@@ -298,10 +303,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics.
-    # --resume continues the training (weights that change make their samples and rows stale
-    # by identity) and still skips what stayed current, as the --jobs path does.
+    # Their identity is the run's config, so a method whose weights file this invocation
+    # changed (trained anew, or resumed to the end) is re-sampled and re-scored whatever it
+    # held; --resume keeps what a finished run's resume left unchanged, as the --jobs path does.
     args.skip_trained = not (args.resume or args.fresh)
     args.skip_current = not args.fresh
+    args.retrained = set()
     if args.jobs > 1:
         with _clock(args, f"fit, train, sample and evaluate ({args.jobs} jobs)"):
             _parallel_jobs(args)
@@ -379,8 +386,8 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
         # a method job stopped while training saves a checkpoint (SIGINT is a preemption)
         stopped = [e.name for e in entries if not ws.paths.final(e.name).is_file()
                    and any(ws.paths.checkpoints(e.name).glob("*"))]
-        again = (f"run again with --resume, which continues {', '.join(stopped)} from the checkpoint saved when "
-                 "stopped (--fresh starts over)") if stopped else "run again"
+        again = (f"run again with --resume, which continues {', '.join(stopped)} from its checkpoint (--fresh "
+                 "starts over)") if stopped else "run again"
         raise SpheregenError("the fit stage failed (log above): the metrics or a method's component could not be "
                              f"fitted, so the method jobs were stopped; fix it and {again} (`spheregen fit "
                              f"{args.experiment}` runs that stage alone)")

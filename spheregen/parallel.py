@@ -92,25 +92,28 @@ def method_job(spec: JobSpec) -> dict[str, float]:
     current is absent)."""
     from spheregen.evaluation import evaluate, results_current, sample_entry, samples_current
     from spheregen.fit import fit_session
-    from spheregen.runner import is_trained, train
+    from spheregen.runner import is_trained, train, weights_digest
     from spheregen.tracking import log_evaluation
 
     ws = _job_workspace(spec)
     entry = ws.exp.method(spec.method)
     times = {}
     t0 = time.perf_counter()
+    redo = spec.fresh  # samples and rows are redone for weights this job changed (cli.cmd_run says why)
     if spec.resume or spec.fresh or not is_trained(ws, entry):
+        before = weights_digest(ws, entry)
         train(ws, entry, resume=spec.resume, fresh=spec.fresh)
         times["train"] = time.perf_counter() - t0
+        redo = redo or weights_digest(ws, entry) != before
     # the metrics are built inside the fit stage's session: a job that reaches them before
     # the fit job took their lock fits them as the fit job would (resuming an interrupted fit)
     with fit_session(ws, resume=spec.resume, progress=False):
         t0 = time.perf_counter()
-        if spec.fresh or not samples_current(ws, entry):
+        if redo or not samples_current(ws, entry):
             sample_entry(ws, entry, ws.device)
             times["sample"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if spec.fresh or not results_current(ws, entry):
+        if redo or not results_current(ws, entry):
             evaluate(ws, [entry.name], ws.device, beside_others=True)
             log_evaluation(ws, [entry.name])
             times["evaluate"] = time.perf_counter() - t0
@@ -219,6 +222,10 @@ def _cancel(running: dict[str, Any], queue: list[str], failed: list[str], wait_s
     deadline = time.monotonic() + wait_s
     while any(not job.done() for _, job in running.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    late = [name for name, (_, job) in running.items() if not job.done()]
+    for name in late:  # past the wait: submitit's own cancel, whose controller kills the job
+        running[name][1].cancel(check=False)
+        print(f"[jobs] {name}: did not stop within {wait_s:g} s of the interrupt; killed", file=sys.stderr)
     failed.extend([*running, *queue])
     running.clear()
     queue.clear()

@@ -359,6 +359,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable or corrupt ({exc}); delete the run with --fresh") from exc
 
 
+def weights_digest(ws: Workspace, entry: MethodEntry) -> str | None:
+    """sha256 of ``entry``'s final weights file (tensors only: the bytes are the same
+    whenever the weights are), None without one. ``spheregen run`` compares it before and
+    after training to know whether a method's samples and rows may be kept: their
+    identity is the run's config, which weights retrained under the same config (an
+    interrupted --fresh, a changed spheregen) share."""
+    path = ws.paths.final(entry.name)
+    return _sha256(path) if path.is_file() else None
+
+
 def is_trained(ws: Workspace, entry: MethodEntry) -> bool:
     """Final weights exist for exactly this run's config."""
     meta = ws.paths.run(entry.name) / "run.json"

@@ -396,7 +396,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
             out = F.scaled_dot_product_attention(q, k, v)
             return self.proj(out.transpose(1, 2).reshape(b, n, w))
-        cis = rope.cis if rope.cis is not None else rope_cis(rope.cos, rope.sin, h, x.dtype)
+        cis = rope.cis
+        if cis is None or cis.dtype != x.dtype.to_complex():  # a table made for other tokens
+            cis = rope_cis(rope.cos, rope.sin, h, x.dtype)
         weight, bias_qk = self.qkv.weight, self.qkv.bias[: 2 * w]  # the v bias is folded in below
         if _no_graph():
             q, k, v = _qkv_rope(x, weight, bias_qk, cis, h)

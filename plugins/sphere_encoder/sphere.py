@@ -53,7 +53,8 @@ def mix_hard_cases(
 
 
 def gaussian_like(v: Tensor) -> Tensor:
-    """N(0, I) with v's shape, strides, dtype and device, drawn in v's memory order.
+    """N(0, I) with v's shape, dtype and device, and v's strides when v is dense (else
+    dense strides in v's dim order), drawn in memory order.
 
     The encoder's B×C×H×W latents are token-major in memory (strides B: N·C, C: 1), and
     ``torch.randn_like`` keeps those strides; on a CPU a tensor that is dense but not

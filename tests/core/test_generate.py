@@ -3,6 +3,7 @@ evaluation does."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,11 +86,20 @@ def test_run_skips_sampling_and_scoring_whose_inputs_did_not_change(run, tmp_pat
     out = capsys.readouterr().out
     assert "samples up to date" in out and "results up to date" in out
     assert (samples.stat().st_mtime_ns, results.stat().st_mtime_ns) == before
-    # --resume continues the training (here: nothing left) and, as with --jobs, keeps what is current
+    # --resume continues the training (here: nothing left, the same weights) and, as with
+    # --jobs, keeps what is current
     assert main(["run", str(exp), *dirs, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "already trained" not in out and "samples up to date" in out and "results up to date" in out
     assert (samples.stat().st_mtime_ns, results.stat().st_mtime_ns) == before
+    # weights trained anew under the same config (the run folder gone, as after an interrupted
+    # --fresh) are sampled and scored anew, though the sample files carry the same identity
+    shutil.rmtree(run / "tiny" / "toy")
+    assert main(["run", str(exp), *dirs]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" not in out
+    assert samples.stat().st_mtime_ns != before[0] and results.stat().st_mtime_ns != before[1]
+    before = samples.stat().st_mtime_ns, results.stat().st_mtime_ns
     # a new draw of the same identity (deleted samples, weights retrained elsewhere) is re-scored
     samples.unlink()
     assert main(["run", str(exp), *dirs]) == 0

@@ -4,6 +4,7 @@ sequential run at the same thread count, and a failing job that loses nothing el
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import polars as pl
@@ -61,6 +62,12 @@ def test_two_jobs_equal_one(tmp_path, monkeypatch):
     assert {"  stage fit (job)", "  evaluate fm-a (job)", "  evaluate fm-b (job)"} <= set(stages)
     assert "evaluate" not in stages
     assert "data" in stages and "fit" not in stages  # with jobs the fit is a job, the first stage the data
+    # fm-a's weights trained anew under the same config: its samples are redone, fm-b's kept
+    samples = {m: tmp_path / "par" / "runs" / "par" / "samples" / m / "steps-1.npz" for m in ("fm-a", "fm-b")}
+    drawn = {m: p.stat().st_mtime_ns for m, p in samples.items()}
+    shutil.rmtree(tmp_path / "par" / "runs" / "par" / "fm-a")
+    assert _run(tmp_path, "par", "--jobs", "2") == 0
+    assert samples["fm-a"].stat().st_mtime_ns != drawn["fm-a"] and samples["fm-b"].stat().st_mtime_ns == drawn["fm-b"]
 
 
 def test_a_failing_fit_job_stops_the_run(tmp_path, capfd, monkeypatch):
@@ -80,8 +87,11 @@ def test_a_failing_fit_job_stops_the_run(tmp_path, capfd, monkeypatch):
     assert "KeyboardInterrupt" not in err, "a stopped job's controller must not print a traceback here"
     # fm-a was training beside the fit job: cancelled; queued fm-b never started
     assert "fm-a: cancelled" in err and "fm-b: " not in err
-    # the stopped job ended before the run returned, having saved a checkpoint (SIGINT is a preemption)
-    assert "run again with --resume, which continues fm-a" in err
+    # a job stopped while training saves a checkpoint (SIGINT is a preemption; before its
+    # first step it has none): the message sends the user to --resume exactly then
+    checkpointed = any((tmp_path / "runs" / "par" / "fm-a" / "checkpoints").glob("step-*"))
+    assert ("run again with --resume, which continues fm-a" in err) == checkpointed
+    assert checkpointed or "fix it and run again (" in err
     assert not (tmp_path / "reports" / "par" / "results.parquet").exists()
 
 
@@ -141,3 +151,23 @@ def test_local_jobs_have_no_two_minute_limit(tmp_path):
 
     assert make_executor("local", tmp_path, {}).parameters["timeout_min"] >= 24 * 60
     assert make_executor("local", tmp_path, {"time_min": 90}).parameters["timeout_min"] == 90
+
+
+def test_cancel_falls_back_to_submitit_and_kills_a_job_that_does_not_stop(capsys):
+    """Without a local controller process (a SLURM job) the interrupt is submitit's cancel;
+    a job still running after the wait is cancelled again (submitit kills it) and named."""
+    from spheregen.parallel import _cancel
+
+    class Job:  # never finishes, like a step that ignores the interrupt
+        cancels = 0
+
+        def done(self):
+            return False
+
+        def cancel(self, check=True):
+            self.cancels += 1
+
+    job, failed, queue = Job(), [], ["queued-method"]
+    _cancel({"stuck": (0, job)}, queue, failed, wait_s=0.2)
+    assert job.cancels == 2 and failed == ["stuck", "queued-method"] and not queue
+    assert "stuck: did not stop within 0.2 s of the interrupt; killed" in capsys.readouterr().err

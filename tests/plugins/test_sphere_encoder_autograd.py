@@ -4,6 +4,8 @@ no-grad (sampling) forward."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -134,6 +136,11 @@ def test_training_forward_equals_sampling_forward(module):
         cos, sin = (t.double() for t in axial_rope_2d(8, grid))
         rope = rope_tables(cos, sin, 2, torch.empty(B, grid * grid, width, dtype=torch.float64))  # as the ViTs
         assert rope.cis is not None
+        # a table made for tokens of another dtype (complex128 here) is not used by fp32
+        # attention, which would turn q and k into fp64: it makes its own
+        attn, attn_in = copy.deepcopy(net.attn).float(), torch.randn(B, grid * grid, width)
+        own = attn(attn_in, rope_tables(cos.float(), sin.float(), 2, attn_in))
+        assert own.dtype == torch.float32 and torch.equal(attn(attn_in, rope), own)
         c = torch.randn(B, 1, width, dtype=torch.float64)
         call = lambda x: net(x, c, rope)  # noqa: E731
     else:
