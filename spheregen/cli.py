@@ -155,7 +155,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spheregen.runner import is_trained, train, weights_digest
+    from spheregen.runner import is_trained, train, train_changed
 
     extend_to = getattr(args, "extend_to", None)
     if extend_to is not None and (args.resume or args.fresh):
@@ -174,11 +174,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             say(f"{entry.name}: already trained ({ws.paths.final(entry.name)}); skipping")
             continue
         retrained = getattr(args, "retrained", None)  # run: which methods' weights this invocation changed
-        before = weights_digest(ws, entry) if retrained is not None else None
         with _clock(args, f"train {entry.name}"):
-            path = train(ws, entry, resume=args.resume, fresh=args.fresh)
-        if retrained is not None and weights_digest(ws, entry) != before:
-            retrained.add(entry.name)
+            if retrained is None:
+                path = train(ws, entry, resume=args.resume, fresh=args.fresh)
+            else:
+                path, changed = train_changed(ws, entry, resume=args.resume, fresh=args.fresh)
+                if changed:
+                    retrained.add(entry.name)
         say(f"{entry.name}: weights at {path}")
 
 
@@ -303,9 +305,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         cmd_fit(args)
     # a stage whose inputs did not change is skipped: trained weights of the same run,
     # sample files of the same identity, result rows of the same weights, samples and metrics.
-    # Their identity is the run's config, so a method whose weights file this invocation
-    # changed (trained anew, or resumed to the end) is re-sampled and re-scored whatever it
-    # held; --resume keeps what a finished run's resume left unchanged, as the --jobs path does.
+    # A method whose weights file this invocation changed is re-sampled and re-scored
+    # (runner.train_changed says why); --resume keeps what a finished run's resume left
+    # unchanged, as the --jobs path does.
     args.skip_trained = not (args.resume or args.fresh)
     args.skip_current = not args.fresh
     args.retrained = set()
@@ -361,6 +363,7 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     import torch
 
     from spheregen import parallel
+    from spheregen.runner import list_checkpoints
 
     ws = _workspace(args)
     entries = _entries(ws, args.method)
@@ -385,7 +388,7 @@ def _parallel_jobs(args: argparse.Namespace) -> None:
     if parallel.FIT_JOB in failed:
         # a method job stopped while training saves a checkpoint (SIGINT is a preemption)
         stopped = [e.name for e in entries if not ws.paths.final(e.name).is_file()
-                   and any(ws.paths.checkpoints(e.name).glob("*"))]
+                   and list_checkpoints(ws.paths.checkpoints(e.name))]
         again = (f"run again with --resume, which continues {', '.join(stopped)} from its checkpoint (--fresh "
                  "starts over)") if stopped else "run again"
         raise SpheregenError("the fit stage failed (log above): the metrics or a method's component could not be "

@@ -92,19 +92,18 @@ def method_job(spec: JobSpec) -> dict[str, float]:
     current is absent)."""
     from spheregen.evaluation import evaluate, results_current, sample_entry, samples_current
     from spheregen.fit import fit_session
-    from spheregen.runner import is_trained, train, weights_digest
+    from spheregen.runner import is_trained, train_changed
     from spheregen.tracking import log_evaluation
 
     ws = _job_workspace(spec)
     entry = ws.exp.method(spec.method)
     times = {}
     t0 = time.perf_counter()
-    redo = spec.fresh  # samples and rows are redone for weights this job changed (cli.cmd_run says why)
+    redo = spec.fresh  # and for weights this job changed (runner.train_changed says why)
     if spec.resume or spec.fresh or not is_trained(ws, entry):
-        before = weights_digest(ws, entry)
-        train(ws, entry, resume=spec.resume, fresh=spec.fresh)
+        _, changed = train_changed(ws, entry, resume=spec.resume, fresh=spec.fresh)
         times["train"] = time.perf_counter() - t0
-        redo = redo or weights_digest(ws, entry) != before
+        redo = redo or changed
     # the metrics are built inside the fit stage's session: a job that reaches them before
     # the fit job took their lock fits them as the fit job would (resuming an interrupted fit)
     with fit_session(ws, resume=spec.resume, progress=False):

@@ -361,10 +361,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def weights_digest(ws: Workspace, entry: MethodEntry) -> str | None:
     """sha256 of ``entry``'s final weights file (tensors only: the bytes are the same
-    whenever the weights are), None without one. ``spheregen run`` compares it before and
-    after training to know whether a method's samples and rows may be kept: their
-    identity is the run's config, which weights retrained under the same config (an
-    interrupted --fresh, a changed spheregen) share."""
+    whenever the weights are), None without one."""
     path = ws.paths.final(entry.name)
     return _sha256(path) if path.is_file() else None
 
@@ -957,6 +954,17 @@ def _restore_frozen(module: torch.nn.Module, state: dict[str, Any], prefix: str,
 def train(ws: Workspace, entry: MethodEntry, resume: bool = False, fresh: bool = False,
           accelerator: Accelerator | None = None, progress: bool = True) -> Path:
     return Trainer(ws, entry, accelerator, progress).train(resume=resume, fresh=fresh)
+
+
+def train_changed(ws: Workspace, entry: MethodEntry, resume: bool = False, fresh: bool = False) -> tuple[Path, bool]:
+    """:func:`train`, and whether it changed the final weights file (:func:`weights_digest`
+    before and after; a finished run's resume leaves it byte-identical). ``spheregen run``
+    keeps a method's samples and result rows only when it did not: their identity is the
+    run's config, which weights retrained under the same config share (an interrupted
+    --fresh, a deleted run folder, a changed spheregen)."""
+    before = weights_digest(ws, entry)
+    path = train(ws, entry, resume=resume, fresh=fresh)
+    return path, weights_digest(ws, entry) != before
 
 
 def load_trained(ws: Workspace, entry: MethodEntry, use_ema: bool = True, device: torch.device | None = None) -> torch.nn.Module:

@@ -185,6 +185,7 @@ def test_noisy_latents_share_noise_direction_and_keep_clean_sample():
     # σ_sub <= σ/2: the small-noise latent is never farther from v than the big one
     assert (sphere.angle_deg(v_small, v) <= sphere.angle_deg(v_big, v) + 1e-6).all()
 
+
 def test_gaussian_like_draws_in_memory_order():
     # the encoder's latents: B×C×H×W, token-major in memory (what noisy_latents gets)
     v = torch.empty(4, 6, 3, 3).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -200,7 +201,6 @@ def test_gaussian_like_draws_in_memory_order():
     assert torch.equal(sphere.gaussian_like(c), expected), "a contiguous tensor: exactly randn_like"
     z = tiny().encode_raw(torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1]))
     assert not z.is_contiguous(), "the case this exists for: the encoder's latents are permuted in memory"
-
 
 
 # ---------------------------------------------------------------- losses
