@@ -203,7 +203,14 @@ class EvalConfig:
     scale with ``guidance_seed`` (``guidance_samples`` images; default ``num_samples``)
     and, per step count, the scale with the best headline metric (FID) there is the one
     sampled with ``seeds`` and scored: the choice is made on other samples than the
-    scored ones (spheregen.guidance_search).
+    scored ones (spheregen.selection).
+
+    ``batch_size``: images per sampling call. Each batch draws from its own seed, so it
+    is part of a sample set's identity. On a CPU about 50 is faster per image (larger
+    batches' activations leave the cache and their largest buffers are mapped afresh at
+    every call: the quickstart's Sphere Encoder sample stage took 119 s at 50 and 150 s
+    at 250, 1 thread; experiments/quickstart.toml uses 50); on a GPU the default 250 or
+    more.
 
     ``mixed_precision = "bf16"``: sampling and the metrics' feature extraction (samples
     and reference alike) run under bf16 autocast, on CUDA and CPU. Samples, features and
