@@ -206,11 +206,9 @@ class EvalConfig:
     scored ones (spheregen.selection).
 
     ``batch_size``: images per sampling call. Each batch draws from its own seed, so it
-    is part of a sample set's identity. On a CPU about 50 is faster per image (larger
-    batches' activations leave the cache and their largest buffers are mapped afresh at
-    every call: the quickstart's Sphere Encoder sample stage took 119 s at 50 and 150 s
-    at 250, 1 thread; benchmarks/bench_sample_batch.py; experiments/quickstart.toml uses
-    50); on a GPU the default 250 or more.
+    is part of a sample set's identity. On a CPU the networks see at most
+    spheregen.guidance.CPU_MICRO_BATCH (64) samples at a time whatever the batch, so a
+    large batch costs no more per image there (benchmarks/bench_sample_batch.py).
 
     ``mixed_precision = "bf16"``: sampling and the metrics' feature extraction (samples
     and reference alike) run under bf16 autocast, on CUDA and CPU. Samples, features and

@@ -48,13 +48,37 @@ def cfg_passes(guidance: float) -> int:
     return 2 if guidance > 1 else 1
 
 
+# Without autograd on a CPU, guided() evaluates ``fn`` on slices of at most this many
+# samples (the contract lets a batch be split: spheregen.interfaces.Denoiser.forward).
+# Past ~100 rows a small network's activations leave the cache and its largest buffers
+# pass glibc's mmap threshold (at most 32 MB), so every call maps and zeroes them afresh:
+# the tiny Sphere Encoder sampled 1.73x as fast at batch 50 as at 250 before this
+# (benchmarks/bench_sample_batch.py). GPUs, and training, keep the whole batch.
+CPU_MICRO_BATCH = 64
+
+
 def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
            guidance: float) -> Tensor:
     """``fn(x, *times, labels)`` under classifier-free guidance ``guidance`` (<= 1: the
     plain conditional call); ``times`` are B tensors. When ``fn`` takes a null mask (``drop=``) the conditional
     and null passes run as one batch of 2B; otherwise as ``fn(..., labels)`` and
     ``fn(..., None)``. ``fn`` is a denoiser or a method's function of the same shape
-    (``velocity``, ``encode_raw``, ``decode``); B×... -> B×...."""
+    (``velocity``, ``encode_raw``, ``decode``); B×... -> B×.... On a CPU without
+    autograd the batch is evaluated :data:`CPU_MICRO_BATCH` samples at a time."""
+    b = x.shape[0]
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and b > CPU_MICRO_BATCH:
+        parts = []
+        for i in range(0, b, CPU_MICRO_BATCH):
+            rows = slice(i, i + CPU_MICRO_BATCH)
+            parts.append(_guided(fn, x[rows], tuple(t[rows] for t in times),
+                                 None if labels is None else labels[rows], guidance))
+        return torch.cat(parts)
+    return _guided(fn, x, times, labels, guidance)
+
+
+def _guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
+            guidance: float) -> Tensor:
+    """:func:`guided` on one batch."""
     if guidance <= 1:
         return fn(x, *times, labels)
     if accepts_keyword(fn, "drop"):
