@@ -8,8 +8,9 @@ time spent in the kernel (``getrusage``), and the rate relative to the default b
 (250). Why: buffers larger than glibc's mmap threshold (at most 32 MB) are mapped afresh
 at every allocation and zeroed page by page by the kernel, so a sampler whose networks see
 the whole batch slows down past some batch size; spheregen.guidance.guided therefore runs
-them CPU_MICRO_BATCH samples at a time on a CPU, and this script shows that the rate no
-longer depends on the batch (benchmarks/README.md has the numbers before and after).
+the samplers' network evaluations CPU_MICRO_BATCH samples at a time on a CPU, and this
+script shows that the rate no longer depends much on the batch (benchmarks/README.md has
+the numbers before and after).
 
     python benchmarks/bench_sample_batch.py                        # 1 thread, batches 25 50 100 250, T = 4, w = 2 (~2.5 min)
     python benchmarks/bench_sample_batch.py --threads 2 --batches 50 250 500 --steps 1

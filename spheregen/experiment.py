@@ -206,9 +206,11 @@ class EvalConfig:
     scored ones (spheregen.selection).
 
     ``batch_size``: images per sampling call. Each batch draws from its own seed, so it
-    is part of a sample set's identity. On a CPU the networks see at most
-    spheregen.guidance.CPU_MICRO_BATCH (64) samples at a time whatever the batch, so a
-    large batch costs no more per image there (benchmarks/bench_sample_batch.py).
+    is part of a sample set's identity. On a CPU the network evaluations of the samplers
+    (spheregen.guidance.guided) see at most spheregen.guidance.CPU_MICRO_BATCH (64)
+    samples at a time whatever the batch, so a large batch costs little more per image
+    there (benchmarks/bench_sample_batch.py); so do the cost rows' throughput calls when
+    ``throughput_batch`` exceeds 64 on a CPU (their peak memory is then that of a slice).
 
     ``mixed_precision = "bf16"``: sampling and the metrics' feature extraction (samples
     and reference alike) run under bf16 autocast, on CUDA and CPU. Samples, features and

@@ -49,11 +49,13 @@ def cfg_passes(guidance: float) -> int:
 
 
 # Without autograd on a CPU, guided() evaluates ``fn`` on slices of at most this many
-# samples (the contract lets a batch be split: spheregen.interfaces.Denoiser.forward).
-# Past ~100 rows a small network's activations leave the cache and its largest buffers
-# pass glibc's mmap threshold (at most 32 MB), so every call maps and zeroes them afresh:
-# the tiny Sphere Encoder sampled 1.73x as fast at batch 50 as at 250 before this
-# (benchmarks/bench_sample_batch.py). GPUs, and training, keep the whole batch.
+# samples (the contract lets a batch be split: spheregen.interfaces.Denoiser.forward and
+# the sampler capabilities there); a ``drop=`` CFG pass then sees twice as many rows.
+# Somewhere between 100 and 250 rows a small network's activations leave the cache and
+# its largest buffers pass glibc's mmap threshold (at most 32 MB), so every call maps and
+# zeroes them afresh: the tiny Sphere Encoder sampled 1.73x as fast at batch 50 as at 250
+# before this (benchmarks/bench_sample_batch.py). Other devices, and calls under
+# autograd, keep the whole batch.
 CPU_MICRO_BATCH = 64
 
 
@@ -64,16 +66,23 @@ def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labe
     and null passes run as one batch of 2B; otherwise as ``fn(..., labels)`` and
     ``fn(..., None)``. ``fn`` is a denoiser or a method's function of the same shape
     (``velocity``, ``encode_raw``, ``decode``); B×... -> B×.... On a CPU without
-    autograd the batch is evaluated :data:`CPU_MICRO_BATCH` samples at a time."""
+    autograd the batch is evaluated :data:`CPU_MICRO_BATCH` samples at a time, so ``fn``
+    must treat samples independently (no batch statistics, no random draws); times that
+    are not B tensors (a float, a 0-d tensor) are passed to every slice as they are."""
     b = x.shape[0]
     if x.device.type == "cpu" and not torch.is_grad_enabled() and b > CPU_MICRO_BATCH:
         parts = []
         for i in range(0, b, CPU_MICRO_BATCH):
             rows = slice(i, i + CPU_MICRO_BATCH)
-            parts.append(_guided(fn, x[rows], tuple(t[rows] for t in times),
+            parts.append(_guided(fn, x[rows], tuple(_rows(t, b, rows) for t in times),
                                  None if labels is None else labels[rows], guidance))
         return torch.cat(parts)
     return _guided(fn, x, times, labels, guidance)
+
+
+def _rows(t: Any, b: int, rows: slice) -> Any:
+    """``t[rows]`` for a per-sample tensor (leading dim b), else ``t`` itself."""
+    return t[rows] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t
 
 
 def _guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,

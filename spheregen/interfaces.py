@@ -378,7 +378,9 @@ def check_steps(steps: Any) -> int:
 # ----------------------------------------------------------- what built-in samplers need
 # The capabilities the built-in samplers declare in ``requires``; a third-party sampler
 # may name them too. Each lists exactly what one sampler calls on a method (and the
-# method's ``parameters()``, which every ``nn.Module`` has, for the device).
+# method's ``parameters()``, which every ``nn.Module`` has, for the device). As for a
+# Denoiser, samples do not interact in these functions (no batch statistics, no random
+# draws) in eval mode: spheregen.guidance.guided calls them on slices of a CPU batch.
 
 
 @runtime_checkable

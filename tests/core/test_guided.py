@@ -18,12 +18,12 @@ class Recorder:
 
     def plain(self, x, t, labels):
         self.sizes.append(x.shape[0])
-        return x * t[:, None] + (0 if labels is None else labels[:, None].to(x.dtype))
+        return x * t.reshape(-1, 1) + (0 if labels is None else labels[:, None].to(x.dtype))
 
     def masked(self, x, t, labels, drop=None):
         self.sizes.append(x.shape[0])
         kept = labels if drop is None else torch.where(drop, 0, labels)
-        return x * t[:, None] + kept[:, None].to(x.dtype)
+        return x * t.reshape(-1, 1) + kept[:, None].to(x.dtype)
 
 
 def _inputs(b: int):
@@ -45,6 +45,17 @@ def test_a_large_cpu_batch_is_evaluated_in_slices_with_the_same_result(kind, w):
     expected = [n * per_call for n in (CPU_MICRO_BATCH, CPU_MICRO_BATCH, 22) for _ in range(calls)]
     assert rec.sizes == expected
     assert torch.equal(out, whole)
+
+
+def test_inference_mode_null_labels_and_times_that_are_not_per_sample():
+    b = CPU_MICRO_BATCH + 10
+    x, t, _ = _inputs(b)
+    rec = Recorder()
+    with torch.inference_mode():
+        out = guided(rec.plain, x, (t.new_tensor(0.5),), None, 1.0)  # a 0-d time goes to every slice
+        stride0 = guided(rec.plain, x, (t[:1].expand(b),), None, 1.0)
+    assert rec.sizes == [CPU_MICRO_BATCH, 10, CPU_MICRO_BATCH, 10]
+    assert torch.equal(out, x * 0.5) and torch.equal(stride0, x * t[0])
 
 
 def test_with_autograd_or_a_small_batch_it_is_one_call():
@@ -71,12 +82,26 @@ def test_sphere_encoder_samples_do_not_depend_on_the_micro_batch(monkeypatch):
     sampler = SphereSampler(SphereSamplerConfig(cfg_position="combo", cache_noise=True))
     labels = torch.arange(40) % 10
 
+    sizes: list[int] = []
+    for name in ("encode_raw", "decode"):
+        def recorded(z, y=None, _f=getattr(method, name)):
+            sizes.append(z.shape[0])
+            return _f(z, y)
+        monkeypatch.setattr(method, name, recorded)
+
     def draw():
+        sizes.clear()
         with torch.no_grad():
-            return sampler.sample(method, labels, 2, 2.0, generator=torch.Generator().manual_seed(1))
+            out = sampler.sample(method, labels, 2, 2.0, generator=torch.Generator().manual_seed(1))
+        return out, max(sizes)
 
     monkeypatch.setattr(guidance, "CPU_MICRO_BATCH", 16)
-    sliced = draw()
+    sliced, most = draw()
+    assert most == 16
     monkeypatch.setattr(guidance, "CPU_MICRO_BATCH", 1000)
-    # the same rows through BLAS in other blockings: equal here, within rounding anywhere
-    torch.testing.assert_close(sliced, draw(), rtol=0, atol=1e-5)
+    whole, most = draw()
+    assert most == 40
+    # The same rows through BLAS in other blockings: bit-identical on the development
+    # machine; another CPU's BLAS may round a row differently in a product of another
+    # shape, hence a tolerance rather than torch.equal.
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
