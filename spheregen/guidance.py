@@ -68,7 +68,9 @@ def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labe
     (``velocity``, ``encode_raw``, ``decode``); B×... -> B×.... On a CPU without
     autograd the batch is evaluated :data:`CPU_MICRO_BATCH` samples at a time, so ``fn``
     must treat samples independently (no batch statistics, no random draws); times that
-    are not B tensors (a float, a 0-d tensor) are passed to every slice as they are."""
+    are not B tensors (a float, a 0-d tensor) are passed to every slice (and to both
+    halves of a ``drop=`` batch) as they are. With ``labels=None`` the conditional pass
+    would be the null one, so it is one null call whatever ``guidance`` is."""
     b = x.shape[0]
     if x.device.type == "cpu" and not torch.is_grad_enabled() and b > CPU_MICRO_BATCH:
         parts = []
@@ -81,19 +83,32 @@ def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labe
 
 
 def _rows(t: Any, b: int, rows: slice) -> Any:
-    """``t[rows]`` for a per-sample tensor (leading dim b), else ``t`` itself."""
-    return t[rows] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t
+    """``t[rows]`` for a per-sample tensor, else ``t`` itself."""
+    return t[rows] if _per_sample(t, b) else t
+
+
+def _per_sample(t: Any, b: int) -> bool:
+    """True for a tensor with one entry per sample (leading dim b)."""
+    return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b
+
+
+def _twice(t: Any, b: int) -> Any:
+    """A per-sample tensor repeated for the null half of a ``drop=`` batch; any other
+    time (a float, a 0-d tensor) as it is."""
+    return torch.cat([t, t]) if _per_sample(t, b) else t
 
 
 def _guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
             guidance: float) -> Tensor:
     """:func:`guided` on one batch."""
-    if guidance <= 1:
+    if guidance <= 1 or labels is None:
+        # Without labels the conditional pass is the null one, and uncond + w·(uncond −
+        # uncond) is uncond exactly: one call.
         return fn(x, *times, labels)
     if accepts_keyword(fn, "drop"):
         b = x.shape[0]
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        both = fn(torch.cat([x, x]), *(torch.cat([t, t]) for t in times), torch.cat([labels, labels]), drop=drop)
+        both = fn(torch.cat([x, x]), *(_twice(t, b) for t in times), torch.cat([labels, labels]), drop=drop)
         cond, uncond = both.chunk(2)
     else:
         cond, uncond = fn(x, *times, labels), fn(x, *times, None)

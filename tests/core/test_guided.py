@@ -106,3 +106,23 @@ def test_sphere_encoder_samples_do_not_depend_on_the_micro_batch(monkeypatch):
     # machine; another CPU's BLAS may round a row differently in a product of another
     # shape, hence a tolerance rather than torch.equal.
     torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["plain", "masked"])
+def test_null_labels_under_guidance_are_one_null_call(kind):
+    """uncond + w·(uncond − uncond) = uncond: without labels, guidance > 1 is one null
+    call (the drop= path failed in torch.cat on labels=None before)."""
+    x, t, _ = _inputs(5)
+    rec = Recorder()
+    fn = rec.plain if kind == "plain" else (lambda x, t, labels, drop=None: rec.plain(x, t, labels))
+    with torch.no_grad():
+        out = guided(fn, x, (t,), None, 3.0)
+    assert rec.sizes == [5] and torch.equal(out, x * t[:, None])
+
+
+def test_a_time_that_is_not_per_sample_goes_to_both_halves_of_a_drop_batch():
+    x, t, y = _inputs(5)
+    with torch.no_grad():
+        out = guided(Recorder().masked, x, (t.new_tensor(0.5),), y, 2.0)
+        full = guided(Recorder().masked, x, (t.new_full((5,), 0.5),), y, 2.0)
+    assert torch.equal(out, full)
