@@ -99,12 +99,16 @@ def _read_or_set_aside(path: Path) -> pl.DataFrame | None:
 
 def _merge(path: Path, frame: pl.DataFrame, key: str, keep: list[str]) -> pl.DataFrame:
     """``frame`` plus the rows of the file at ``path`` whose ``key`` is not in ``frame``
-    and is in ``keep`` (results of methods not re-evaluated now survive)."""
+    and is in ``keep`` (results of methods not re-evaluated now survive), in the order of
+    ``keep`` (the experiment's methods), rows of one key in their own order: the same
+    file whichever job of ``run --jobs`` finished first."""
     old = _read_or_set_aside(path)
-    if old is None:
-        return frame
-    old = old.filter(~pl.col(key).is_in(frame[key].unique().to_list()) & pl.col(key).is_in(keep))
-    return pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
+    if old is not None:
+        old = old.filter(~pl.col(key).is_in(frame[key].unique().to_list()) & pl.col(key).is_in(keep))
+        frame = pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
+    rank = {k: i for i, k in enumerate(keep)}
+    order = pl.Series([rank.get(k, len(rank)) for k in frame[key].to_list()])
+    return frame.sort(order, maintain_order=True)
 
 
 def _tokenizer_frame(rows: list[dict[str, Any]], order: list[str]) -> pl.DataFrame:

@@ -80,6 +80,30 @@ def test_reevaluating_one_method_keeps_the_tokenizer_users(toy_registries, tiny_
     assert len(rows) == 1 and rows[0]["methods"] == "toy, toy2" and rows[0]["rfid"] == 2.0
 
 
+def test_results_rows_follow_the_experiments_method_order(toy_registries, tiny_experiment, tmp_path):
+    """Whichever job of ``run --jobs`` writes first, results.parquet (and guidance.parquet)
+    list the methods in the experiment's order, each method's rows in their own order."""
+    import attrs
+
+    from spheregen.results import write_results
+    from spheregen.experiment import load_experiment
+    from spheregen.workspace import Workspace
+
+    exp = load_experiment(tiny_experiment())
+    exp = attrs.evolve(exp, methods=(attrs.evolve(exp.methods[0], name="zeta"), attrs.evolve(exp.methods[0], name="alpha")))
+    files = []
+    for first, second in (("zeta", "alpha"), ("alpha", "zeta")):
+        ws = Workspace(exp, tmp_path / first / "runs", tmp_path / first / "reports")
+        for name in (first, second):
+            write_results(ws, [{"method": name, "steps": s} for s in (4, 1)],
+                          guidance_rows=[{"method": name, "guidance": 2.0}])
+        files.append((pl.read_parquet(ws.paths.report / "results.parquet"),
+                      pl.read_parquet(ws.paths.report / "guidance.parquet")))
+    assert files[0][0].equals(files[1][0]) and files[0][1].equals(files[1][1])
+    assert files[0][0].rows() == [("zeta", 4), ("zeta", 1), ("alpha", 4), ("alpha", 1)]
+    assert files[0][1]["method"].to_list() == ["zeta", "alpha"]
+
+
 def test_a_rescored_tokenizer_replaces_its_old_row(toy_registries, tiny_experiment, tmp_path):
     """A method's tokenizer scored again under another identity (retrained weights, other
     features) replaces the old row instead of standing beside it; a tokenizer of a method
