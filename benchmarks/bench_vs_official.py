@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=1.2)
     ap.add_argument("--no-sample", action="store_true", help="time the training step only")
     ap.add_argument("--no-train", action="store_true", help="time sampling only")
+    ap.add_argument("--no-thread-shards", action="store_true",
+                    help="train spheregen's batch whole on the intra-op threads (train.thread_shards = false)")
     ap.add_argument("--profile", action="store_true",
                     help="also print each side's per-op self-CPU-time shares of one training step")
     ap.add_argument("--omp-as-is", action="store_true", help="keep libgomp's default wait policy")
@@ -97,6 +99,7 @@ import torch  # noqa: E402  (after the OpenMP environment is settled)
 
 from spheregen import precision  # noqa: E402
 from spheregen.interfaces import BuildContext, DataSpec  # noqa: E402
+from spheregen.shards import ThreadShards, sharded_backward, use_thread_shards  # noqa: E402
 from spheregen_plugins.sphere_encoder.config import SphereEncoderConfig, SphereSamplerConfig  # noqa: E402
 from spheregen_plugins.sphere_encoder.method import build_method  # noqa: E402
 from spheregen_plugins.sphere_encoder.networks import count_parameters  # noqa: E402
@@ -192,16 +195,25 @@ def official_train_step(g: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.T
     return step
 
 
-def spheregen_train_step(method: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def spheregen_train_step(method: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         thread_shards: bool = True) -> Callable[[], None]:
     """What spheregen's trainer runs per step on one CPU process: ``method.loss``,
     backward, clip 1.0 over all parameters, its AdamW (``precision.adamw`` as runner.py
-    calls it, ``train.fused_adamw`` at its default false), zero_grad."""
+    calls it, ``train.fused_adamw`` at its default false), zero_grad. With ``train.thread_shards``
+    at its default (on) and ≥ 2 intra-op threads, the loss and backward run as one shard
+    of the batch per thread (spheregen.shards), as the trainer runs them."""
     groups = [{"params": g["params"], "lr": LR * g["lr_scale"]} for g in method.param_groups()]
     opt = precision.adamw(groups, LR, (0.9, 0.95), 0.0, fused=False)
+    params = [p for g in groups for p in g["params"]]
+    n = use_thread_shards(thread_shards, method, torch.device("cpu"), 1, "no", False)
+    pool = ThreadShards(n) if n else None
 
     def step() -> None:
-        loss, _ = method.loss(x, y)
-        loss.backward()
+        if pool is not None:
+            sharded_backward(method, params, x, y, pool)
+        else:
+            loss, _ = method.loss(x, y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -296,7 +308,8 @@ def run_threads(threads: int, args: argparse.Namespace, method, g, loss_fn, repe
         method.train(), g.train()
         gen = torch.Generator().manual_seed(1)
         x = torch.rand(b, 3, 32, 32, generator=gen) * 2 - 1
-        ours, theirs = spheregen_train_step(method, x, labels), official_train_step(g, loss_fn, x, labels)
+        ours = spheregen_train_step(method, x, labels, not args.no_thread_shards)
+        theirs = official_train_step(g, loss_fn, x, labels)
         row = paired(ours, theirs, train_repeats)
         rows.append({"name": "train step", "unit": "img/s", "per_call": b, **row})
         _progress(threads, rows[-1])

@@ -45,6 +45,7 @@ from spheregen.interfaces import (
     NullMaskDenoiser,
     ReconstructingMethod,
     Sampler,
+    ShardableLoss,
     ShardableMetric,
     SphereAutoencoderMethod,
     SphereDenoiserMethod,
@@ -84,7 +85,7 @@ __all__ = [
     "NullMaskDenoiser", "TwoTimeDenoiser", "ExplicitAttentionDenoiser", "LosslessTokenizer",
     "LatentMethod", "ReconstructingMethod", "EditableMethod", "ShardableMetric", "LabelledMetric",
     "VelocityMethod", "AverageVelocityMethod", "SphereAutoencoderMethod", "SphereDenoiserMethod",
-    "CheckpointableBlocks", "lacks", "has", "require", "accepts_keyword", "check_steps",
+    "CheckpointableBlocks", "ShardableLoss", "lacks", "has", "require", "accepts_keyword", "check_steps",
     # fitting (components spheregen trains before use)
     "FittableComponent", "FitSpec", "FitPhase", "FitStatistics", "FitRecipe", "FitResult", "load_fitted",
     # configs

@@ -317,6 +317,28 @@ class CheckpointableBlocks(Protocol):
 
 
 @runtime_checkable
+class ShardableLoss(Protocol):
+    """a batch's loss evaluated in shards: loss_draws(images, labels), loss(..., draws=)
+
+    ``loss_draws(images, labels)`` -> a dict of tensors, every random number one
+    ``loss(images, labels)`` call on that batch would draw (from the global RNG, in the
+    same order), each with the batch as its leading dim; ``loss(images[rows],
+    labels[rows], draws={k: v[rows]})`` then draws nothing and gives that shard's loss.
+    Every term of the loss must be a mean over the batch's samples of per-sample values
+    (no batch statistics, nothing drawn per batch that is not in the draws), so the
+    shards' losses weighted by their sizes are the batch's loss and their gradients the
+    batch's gradient. On a CPU with several intra-op threads the trainer evaluates such a
+    method's batch as one shard per thread, each on one thread at once
+    (:mod:`spheregen.shards`, ``train.thread_shards``); the draws make the result the
+    batch's whatever the shards. The Sphere Encoder has it."""
+
+    def loss_draws(self, images: Tensor, labels: Tensor | None) -> dict[str, Tensor]: ...
+
+    def loss(self, images: Tensor, labels: Tensor | None,
+             draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]: ...
+
+
+@runtime_checkable
 class ReconstructingMethod(Protocol):
     """a tokenizer round trip: reconstruct(images, labels=None)
 

@@ -42,6 +42,7 @@ from spheregen.interfaces import LatentMethod, has
 from spheregen.paths import (DirLock, atomic_write, atomic_write_json, check_owned, ensure_free_space, mark_owned,
                              remove_owned, replace_dir)
 from spheregen.preemption import StopRequest
+from spheregen.shards import ThreadShards, sharded_backward, use_thread_shards
 from spheregen.workspace import Workspace
 
 MANIFEST = "manifest.json"
@@ -410,6 +411,7 @@ class Loop:
         self.lock: DirLock | None = None
         self.latents: MemoryLatents | DiskLatents | None = None
         self.ema: EMA | None = None
+        self.shards: ThreadShards | None = None  # set by _prepare (spheregen.shards)
         self.step = 0
         # training time that made the weights, summed over resumes (checkpointed in
         # step.json): wall seconds in the loop, and device-seconds (wall × processes)
@@ -448,6 +450,10 @@ class Loop:
         # would step it once per process, which changes the schedule with the world size
         self.wrapped, self.opt = self.acc.prepare(step, opt)
         self.sched = sched
+        shards = use_thread_shards(self.cfg.thread_shards, module, self.acc.device, self.acc.num_processes,
+                                   self.cfg.mixed_precision, self.cfg.compile)
+        self.shards = ThreadShards(shards) if shards else None
+        self.trained = [p for g in groups for p in g["params"]]
         self.acc.register_for_checkpointing(self.sched)
         self.ema = EMA(module, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         if self.ema is not None:
@@ -547,6 +553,8 @@ class Loop:
                 self._loop(stop)
             self.save_checkpoint()
         finally:
+            if self.shards is not None:
+                self.shards.close()
             if self.cfg.log_with:
                 self.acc.end_training()
 
@@ -649,9 +657,14 @@ class Loop:
             else:  # images, or latents read from a disk cache
                 x, y = next(self.batches)
             with self.acc.accumulate(self.wrapped), self.acc.autocast():
-                loss, logs = self.wrapped(x, y, self.latents is not None)
-                self._check_finite(loss, logs)
-                self.acc.backward(loss)
+                if self.shards is not None and self.latents is None:
+                    # accelerate's backward divides by the accumulation steps; so does this
+                    loss, logs = sharded_backward(self.method, self.trained, x, y, self.shards, 1 / self.cfg.grad_accum)
+                    self._check_finite(loss, logs)
+                else:
+                    loss, logs = self.wrapped(x, y, self.latents is not None)
+                    self._check_finite(loss, logs)
+                    self.acc.backward(loss)
                 if self.acc.sync_gradients and self.cfg.grad_clip > 0:
                     self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.grad_clip)
                 self.opt.step()

@@ -460,7 +460,16 @@ class LabelEmbedder(nn.Module):
         self.dropout = dropout
         self.table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, labels: Tensor | None, batch: int) -> Tensor:
+    def draw(self, batch: int, device: torch.device | str) -> Tensor | None:
+        """The dropout mask of one training call (B bool, True: the null class), drawn
+        from the global RNG as :meth:`forward` draws it; None when nothing is dropped."""
+        if not (self.training and self.dropout > 0):
+            return None
+        return torch.rand(batch, device=device) < self.dropout
+
+    def forward(self, labels: Tensor | None, batch: int, drop: Tensor | None = None) -> Tensor:
+        """labels int64 B (None: the null class) -> B×W. ``drop``: a mask from
+        :meth:`draw` to apply instead of drawing one (a batch evaluated in shards)."""
         device = self.table.weight.device
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
@@ -468,8 +477,8 @@ class LabelEmbedder(nn.Module):
             labels = labels.to(device=device, dtype=torch.long)
             if labels.shape != (batch,):
                 raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-            if self.training and self.dropout > 0:
-                drop = torch.rand(batch, device=device) < self.dropout
+            drop = self.draw(batch, device) if drop is None else drop
+            if drop is not None:
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.table(labels)
 

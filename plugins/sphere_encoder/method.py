@@ -93,38 +93,76 @@ class SphereEncoder(nn.Module):
 
     # ------------------------------------------------------------ training
 
-    def noisy_latents(self, v: Tensor) -> tuple[Tensor, Tensor]:
+    def noisy_latents(self, v: Tensor, draws: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(v_NOISY, v_noisy) from spherified latents v, with one shared noise draw e:
         σ = r·σmax with r stratified (one 0, one 1) and hard cases mixed in, and
-        σ_sub = r·s·0.5·σmax with the pre-mixing r and a second stratified s."""
-        b = v.shape[0]
-        r = sphere.stratified_unit_radii(b, device=v.device)
-        s = sphere.stratified_unit_radii(b, device=v.device)
-        r_big = sphere.mix_hard_cases(r, self.cfg.hard_case_prob, self.cfg.noise_angle, self.cfg.hard_case_fix)
-        e = sphere.gaussian_like(v)
-        v_big = sphere.perturb(v, r_big * self.sigma_max, e)
-        v_small = sphere.perturb(v, r * s * 0.5 * self.sigma_max, e)
+        σ_sub = r·s·0.5·σmax with the pre-mixing r and a second stratified s. ``draws``:
+        :meth:`loss_draws`'s r, s, r_big and e (drawn here when None)."""
+        d = self._noise_draws(v.shape[0], v.device, v.dtype) if draws is None else draws
+        e = d["e"].to(v.dtype)
+        v_big = sphere.perturb(v, d["r_big"] * self.sigma_max, e)
+        v_small = sphere.perturb(v, d["r"] * d["s"] * 0.5 * self.sigma_max, e)
         return v_big, v_small
+
+    def _noise_draws(self, b: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        """r, s (stratified over the batch), r_big (r with hard cases mixed in) and the
+        noise e, B×d×h×w in the encoder's token-major memory order (what
+        ``sphere.gaussian_like`` draws for its latents)."""
+        r = sphere.stratified_unit_radii(b, device=device)
+        s = sphere.stratified_unit_radii(b, device=device)
+        r_big = sphere.mix_hard_cases(r, self.cfg.hard_case_prob, self.cfg.noise_angle, self.cfg.hard_case_fix)
+        d, h, w = self.latent_shape
+        e = sphere.gaussian_like(torch.empty(b, h, w, d, device=device, dtype=dtype).permute(0, 3, 1, 2))
+        return {"r": r, "s": s, "r_big": r_big, "e": e}
+
+    def loss_draws(self, images: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        """Every random number one :meth:`loss` call on this batch uses, drawn from the
+        global RNG in the order the loss uses them (so ``loss(x, y)`` and ``loss(x, y,
+        draws=loss_draws(x, y))`` are the same numbers), each with the batch as its
+        leading dim: the label-dropout masks of the encoder, the decoder's two halves
+        and the latent-consistency encoder pass (absent when nothing is dropped), the
+        stratified radii (over the whole batch: one 0 and one 1) and the noise. Rows of
+        these are what a shard of the batch uses (spheregen.interfaces.ShardableLoss)."""
+        b, device = images.shape[0], images.device
+        if b < 3:
+            raise ValueError(f"the Sphere Encoder needs a batch of at least 3 per device (stratified noise), got {b}")
+        cfg, labels = self.cfg, self._labels(labels)
+        embed = lambda net, n: None if labels is None else net.label_embed.draw(n, device)  # noqa: E731
+        draws: dict[str, Tensor | None] = {"drop_e": embed(self.encoder, b)}
+        # Drawn in fp32 (fp64 for fp64 images) and cast to the latents' dtype where they
+        # are used: torch draws bf16 / fp16 normals as fp32 ones rounded, the same numbers.
+        draws.update(self._noise_draws(b, device, torch.promote_types(images.dtype, torch.float32)))
+        if cfg.pixel_consistency:
+            both = embed(self.decoder, 2 * b)
+            draws["drop_big"], draws["drop_small"] = (None, None) if both is None else both.chunk(2)
+        else:
+            draws["drop_big"] = embed(self.decoder, b)
+        if cfg.lat_con_weight > 0:
+            draws["drop_e2"] = embed(self.encoder, b)
+        return {k: v for k, v in draws.items() if v is not None}
 
     def _perc(self, pred: Tensor, target: Tensor) -> Tensor:
         assert self._perceptual is not None
         return self._perceptual(pred, target)
 
-    def loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        """images B×C×H×W in [-1, 1], labels B -> (scalar loss, float logs)."""
+    def loss(self, images: Tensor, labels: Tensor | None,
+             draws: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """images B×C×H×W in [-1, 1], labels B -> (scalar loss, float logs). ``draws``:
+        rows of :meth:`loss_draws` for these images (drawn here when None); every term
+        is a mean over the batch's samples."""
         cfg = self.cfg
-        b = images.shape[0]
-        if b < 3:
-            raise ValueError(f"the Sphere Encoder needs a batch of at least 3 per device (stratified noise), got {b}")
+        d = self.loss_draws(images, labels) if draws is None else draws
         labels = self._labels(labels)
-        z = self.encode_raw(images, labels)
-        v_big, v_small = self.noisy_latents(sphere.spherify(z))
+        z = self.encoder(images, labels, d.get("drop_e"))
+        v_big, v_small = self.noisy_latents(sphere.spherify(z), d)
         terms: dict[str, Tensor] = {}
         if cfg.pixel_consistency:
             both = None if labels is None else torch.cat([labels, labels])
-            x_big, x_small = self.decoder(torch.cat([v_big, v_small]), both).chunk(2)
+            drop = d.get("drop_big")
+            drop = None if drop is None else torch.cat([drop, d["drop_small"]])
+            x_big, x_small = self.decoder(torch.cat([v_big, v_small]), both, drop).chunk(2)
         else:
-            x_big = x_small = self.decoder(v_big, labels)
+            x_big = x_small = self.decoder(v_big, labels, d.get("drop_big"))
         # Recon targets D(v_noisy) (or D(v_NOISY) without pixel consistency), not D(v).
         terms["recon_dist"] = cfg.dist_weight * distance(x_small, images)
         if cfg.perc_weight > 0:
@@ -136,7 +174,7 @@ class SphereEncoder(nn.Module):
                 terms["con_perc"] = cfg.con_perc_weight * self._perc(x_big, target)
         if cfg.lat_con_weight > 0:
             # Not detached: the gradient reaches D through x_big and E through both passes.
-            z_again = self.encode_raw(x_big, labels)
+            z_again = self.encoder(x_big, labels, d.get("drop_e2"))
             terms["lat_con"] = cfg.lat_con_weight * latent_consistency(z_again, z.detach())
         total = torch.stack(list(terms.values())).sum()
         return total, to_floats({"loss": total, **terms})  # the terms are logged weighted

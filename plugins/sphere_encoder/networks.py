@@ -48,10 +48,11 @@ class _ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, self.conditional) for _ in range(depth))
         self.head = ModulatedLinear(width, head_out, self.conditional)
 
-    def condition(self, labels: Tensor | None, batch: int) -> Tensor | None:
+    def condition(self, labels: Tensor | None, batch: int, drop: Tensor | None = None) -> Tensor | None:
+        """B×1×W class embedding (None when unconditional); ``drop``: LabelEmbedder.forward's."""
         if self.label_embed is None:
             return None
-        return self.label_embed(labels, batch).unsqueeze(1)
+        return self.label_embed(labels, batch, drop).unsqueeze(1)
 
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The transformer blocks (``train.activation_checkpointing``)."""
@@ -113,10 +114,10 @@ class Encoder(_ViT):
         tokens = linear(tokens, self.patch_proj.weight.view(self.width, self.width), self.patch_proj.bias)
         return tokens.view(b, g * g, self.width)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None, drop: Tensor | None = None) -> Tensor:
         b = x.shape[0]
         tokens = self.embed_patches(x) + self.pos_embed
-        tokens = self.mixer(self.run_blocks(tokens, self.condition(labels, b)))
+        tokens = self.mixer(self.run_blocks(tokens, self.condition(labels, b, drop)))
         return tokens.transpose(1, 2).reshape(b, self.latent_dim, self.grid, self.grid)
 
 
@@ -157,10 +158,10 @@ class Decoder(_ViT):
                 nn.init.xavier_uniform_(m.weight, gain=0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None, drop: Tensor | None = None) -> Tensor:
         b = z.shape[0]
         tokens = self.mixer(linear(z.flatten(2).transpose(1, 2), self.embed.weight, self.embed.bias)) + self.pos_embed
-        tokens = self.run_blocks(tokens, self.condition(labels, b))
+        tokens = self.run_blocks(tokens, self.condition(labels, b, drop))
         g, p = self.grid, self.patch
         if self.head_kind == "linear":
             img = tokens.view(b, g, g, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
