@@ -44,7 +44,8 @@ def cfg_mix(cond: Tensor, uncond: Tensor, guidance: float) -> Tensor:
 
 
 def cfg_passes(guidance: float) -> int:
-    """Network passes per image and evaluation: 2 under guidance (> 1), else 1."""
+    """Network passes per image and evaluation: 2 under guidance (> 1), else 1 (for a
+    labelled batch: :func:`guided` with ``labels=None`` makes one pass at any guidance)."""
     return 2 if guidance > 1 else 1
 
 
@@ -59,10 +60,11 @@ def cfg_passes(guidance: float) -> int:
 CPU_MICRO_BATCH = 64
 
 
-def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
+def guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor | float, ...], labels: Tensor | None,
            guidance: float) -> Tensor:
     """``fn(x, *times, labels)`` under classifier-free guidance ``guidance`` (<= 1: the
-    plain conditional call); ``times`` are B tensors. When ``fn`` takes a null mask (``drop=``) the conditional
+    plain conditional call); ``times`` are B tensors, or values every sample shares (a
+    float, a 0-d tensor). When ``fn`` takes a null mask (``drop=``) the conditional
     and null passes run as one batch of 2B; otherwise as ``fn(..., labels)`` and
     ``fn(..., None)``. ``fn`` is a denoiser or a method's function of the same shape
     (``velocity``, ``encode_raw``, ``decode``); B×... -> B×.... On a CPU without
@@ -98,7 +100,7 @@ def _twice(t: Any, b: int) -> Any:
     return torch.cat([t, t]) if _per_sample(t, b) else t
 
 
-def _guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor, ...], labels: Tensor | None,
+def _guided(fn: Callable[..., Tensor], x: Tensor, times: tuple[Tensor | float, ...], labels: Tensor | None,
             guidance: float) -> Tensor:
     """:func:`guided` on one batch."""
     if guidance <= 1 or labels is None:

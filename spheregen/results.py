@@ -106,9 +106,16 @@ def _merge(path: Path, frame: pl.DataFrame, key: str, keep: list[str]) -> pl.Dat
     if old is not None:
         old = old.filter(~pl.col(key).is_in(frame[key].unique().to_list()) & pl.col(key).is_in(keep))
         frame = pl.concat([old, frame], how="diagonal_relaxed") if len(old) else frame
-    rank = {k: i for i, k in enumerate(keep)}
-    order = pl.Series([rank.get(k, len(rank)) for k in frame[key].to_list()])
-    return frame.sort(order, maintain_order=True)
+    return _ordered(frame, frame[key].to_list(), keep)
+
+
+def _ordered(frame: pl.DataFrame, names: list[Any], order: list[str]) -> pl.DataFrame:
+    """``frame``'s rows sorted by the place of their ``names`` (one per row) in ``order``
+    (names not in it last), rows of one name in their own order. The report orders its
+    own tables; the files keep the experiment's order so that ``run --jobs`` writes the
+    same files as a sequential run."""
+    rank = {k: i for i, k in enumerate(order)}
+    return frame.sort(pl.Series([rank.get(n, len(rank)) for n in names]), maintain_order=True)
 
 
 def _tokenizer_frame(rows: list[dict[str, Any]], order: list[str]) -> pl.DataFrame:
@@ -178,6 +185,8 @@ def write_results(ws: Any, rows: list[dict[str, Any]], tokenizer_rows: list[dict
         if old_file is not None:  # rows of tokenizers whose users were not re-evaluated stand
             old = _unreplaced(old_file, tokens, names)
             tokens = pl.concat([old, tokens], how="diagonal_relaxed") if len(old) else tokens
+        # each tokenizer row where its first user stands in the experiment
+        tokens = _ordered(tokens, [str(m).split(", ")[0] for m in tokens["methods"].to_list()], names)
         atomic_write(tok_path, lambda p: tokens.write_parquet(p))
     atomic_write_json(report / "config.resolved.json", {
         "experiment": to_dict(ws.exp),

@@ -81,8 +81,9 @@ def test_reevaluating_one_method_keeps_the_tokenizer_users(toy_registries, tiny_
 
 
 def test_results_rows_follow_the_experiments_method_order(toy_registries, tiny_experiment, tmp_path):
-    """Whichever job of ``run --jobs`` writes first, results.parquet (and guidance.parquet)
-    list the methods in the experiment's order, each method's rows in their own order."""
+    """Whichever job of ``run --jobs`` writes first, results.parquet, guidance.parquet and
+    tokenizers.parquet list the methods in the experiment's order, each method's rows in
+    their own order."""
     import attrs
 
     from spheregen.results import write_results
@@ -95,13 +96,14 @@ def test_results_rows_follow_the_experiments_method_order(toy_registries, tiny_e
     for first, second in (("zeta", "alpha"), ("alpha", "zeta")):
         ws = Workspace(exp, tmp_path / first / "runs", tmp_path / first / "reports")
         for name in (first, second):
-            write_results(ws, [{"method": name, "steps": s} for s in (4, 1)],
+            tokenizer = {"tokenizer": "t", "config_hash": f"tok-{name}", "rfid": 1.0, "psnr": 20.0,
+                         "num_images": 5, "features": "f", "methods": name}
+            write_results(ws, [{"method": name, "steps": s} for s in (4, 1)], [tokenizer],
                           guidance_rows=[{"method": name, "guidance": 2.0}])
-        files.append((pl.read_parquet(ws.paths.report / "results.parquet"),
-                      pl.read_parquet(ws.paths.report / "guidance.parquet")))
-    assert files[0][0].equals(files[1][0]) and files[0][1].equals(files[1][1])
+        files.append([pl.read_parquet(ws.paths.report / f"{n}.parquet") for n in ("results", "guidance", "tokenizers")])
+    assert all(a.equals(b) for a, b in zip(*files))
     assert files[0][0].rows() == [("zeta", 4), ("zeta", 1), ("alpha", 4), ("alpha", 1)]
-    assert files[0][1]["method"].to_list() == ["zeta", "alpha"]
+    assert files[0][1]["method"].to_list() == ["zeta", "alpha"] == files[0][2]["methods"].to_list()
 
 
 def test_a_rescored_tokenizer_replaces_its_old_row(toy_registries, tiny_experiment, tmp_path):
