@@ -7,9 +7,14 @@ CIFAR-10 recipe's network), it prints:
   saved outside a checkpointed block, counted once per storage, parameters excluded;
   exact, whatever the device's allocator does) and the step time, without and with;
 * fused AdamW: the optimizer step time, torch's ``foreach`` loop against the fused kernel;
-* on CUDA: the step time with TF32 off and on (``--device cuda``).
+* on CUDA: the step time with TF32 off and on (``--device cuda``);
+* on a CPU with ≥ 2 intra-op threads: ``thread_shards`` (on by default), the loss and
+  backward of the whole batch on the threads against one shard per thread side by side
+  (spheregen.shards), as paired rounds in alternating order: the median (and range) of
+  the per-round ratios whole / sharded (> 1: the shards are faster).
 
     python benchmarks/bench_train_options.py [--device cuda] [--model cifar10-base] [--repeats 5]
+    python benchmarks/bench_train_options.py --threads 2 --rounds 16    # + thread shards on a CPU
 
 Times are the median of ``--repeats`` steps after one warm-up step.
 """
@@ -24,6 +29,7 @@ import torch
 
 from spheregen import precision
 from spheregen.interfaces import DataSpec
+from spheregen.shards import ThreadShards, sharded_backward
 from spheregen_plugins.sphere_encoder.config import SphereEncoderConfig
 from spheregen_plugins.sphere_encoder.method import SphereEncoder
 
@@ -84,13 +90,47 @@ def step_fn(model: SphereEncoder, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+def thread_shards_ratios(model: SphereEncoder, x: torch.Tensor, y: torch.Tensor, rounds: int) -> list[float]:
+    """Per round: (whole-batch loss + backward time) / (the same as one shard per thread),
+    each timed over two steps, the two in alternating order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    pool = ThreadShards(torch.get_num_threads())
+
+    def whole() -> None:
+        step_fn(model, x, y)()
+
+    def sharded() -> None:
+        torch.manual_seed(0)
+        sharded_backward(model, params, x, y, pool)
+        model.zero_grad(set_to_none=True)
+
+    try:
+        whole(), sharded()
+        ratios = []
+        for r in range(rounds):
+            took = {}
+            for name, fn in ((("whole", whole), ("sharded", sharded)) if r % 2 == 0 else
+                             (("sharded", sharded), ("whole", whole))):
+                t0 = time.perf_counter()
+                fn(), fn()
+                took[name] = time.perf_counter() - t0
+            ratios.append(took["whole"] / took["sharded"])
+        return ratios
+    finally:
+        pool.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=16, help="paired rounds of the thread-shards comparison")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     x, y = batch(device, args.batch)
     print(f"{args.model} Sphere Encoder, 32 px, batch {args.batch}, {device}, torch {torch.__version__}, "
@@ -112,6 +152,10 @@ def main() -> None:
         sec = timed(opt.step, device, args.repeats)
         print(f"AdamW {'fused  ' if fused else 'foreach'}: optimizer step {sec * 1e3:8.2f} ms "
               f"({sum(p.numel() for p in params) / 1e6:.1f}M parameters)")
+    if device.type == "cpu" and torch.get_num_threads() >= 2:
+        ratios = thread_shards_ratios(build(args.model, device, False), x, y, args.rounds)
+        print(f"thread shards ({torch.get_num_threads()}): loss + backward whole / sharded "
+              f"{statistics.median(ratios):.3f} (median of {len(ratios)} rounds, {min(ratios):.2f}-{max(ratios):.2f})")
     if device.type == "cuda":
         for on in (False, True):
             with precision.tf32(on):

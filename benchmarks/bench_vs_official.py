@@ -13,7 +13,10 @@ equal and prints them. Workloads:
   latent consistency 0.1, no perceptual term): ``G.forward`` + its ``ReconstructionLoss``
   on ``x·0.5+0.5`` + backward + grad-norm clip 1.0 + AdamW (β 0.9/0.95, fused, as
   train.py; encoder lr × 0.1) + ``zero_grad``; spheregen's ``method.loss`` + backward +
-  clip 1.0 + AdamW as spheregen's trainer builds it (same β and lr groups) + ``zero_grad``.
+  clip 1.0 + AdamW as spheregen's trainer builds it (same β and lr groups) + ``zero_grad``,
+  the loss and backward at ≥ 2 threads as the trainer runs them by default, one shard of
+  the batch per thread (``train.thread_shards``, spheregen.shards; ``--no-thread-shards``:
+  the whole batch on the threads, as the official step).
 * ``sample T=1`` / ``T=4``, each without and with CFG 1.2 (``combo``, cached noise,
   r = 1): ``G.generate`` against ``SphereSampler.sample``.
 
@@ -205,7 +208,7 @@ def spheregen_train_step(method: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     groups = [{"params": g["params"], "lr": LR * g["lr_scale"]} for g in method.param_groups()]
     opt = precision.adamw(groups, LR, (0.9, 0.95), 0.0, fused=False)
     params = [p for g in groups for p in g["params"]]
-    n = use_thread_shards(thread_shards, method, torch.device("cpu"), 1, "no", False)
+    n = use_thread_shards(thread_shards, method, torch.device("cpu"), 1, "no", False, x.shape[0])
     pool = ThreadShards(n) if n else None
 
     def step() -> None:

@@ -146,11 +146,11 @@ class TrainConfig:
     the experiment is refused at load); ``fused_adamw`` steps AdamW in torch's fused
     kernel. ``mixed_precision`` (above) is accelerate's autocast of training.
     ``thread_shards`` (on by default): on a CPU with N ≥ 2 intra-op threads, one process,
-    no autocast and no compile, a method with
+    no autocast, no compile and micro-batches of at least 16·N rows, a method with
     :class:`~spheregen.interfaces.ShardableLoss` (the Sphere Encoder) evaluates each
     micro-batch as N shards side by side, one thread each, with the batch's random
     numbers drawn before the split (spheregen.shards: the tiny Sphere Encoder's step
-    ~1.15× faster at 2 threads); off, the batch runs whole on the N threads."""
+    1.09-1.16× faster at 2 threads); off, the batch runs whole on the N threads."""
 
     steps: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=64, validator=positive)

@@ -451,7 +451,7 @@ class Loop:
         self.wrapped, self.opt = self.acc.prepare(step, opt)
         self.sched = sched
         shards = use_thread_shards(self.cfg.thread_shards, module, self.acc.device, self.acc.num_processes,
-                                   self.cfg.mixed_precision, self.cfg.compile)
+                                   self.acc.mixed_precision, self.cfg.compile, self.micro)
         self.shards = ThreadShards(shards) if shards else None
         self.trained = [p for g in groups for p in g["params"]]
         self.acc.register_for_checkpointing(self.sched)

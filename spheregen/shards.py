@@ -5,15 +5,17 @@ step's kernels are too small to keep several intra-op threads busy: from 1 to 2 
 its step gets 1.71× faster, the CPU flash-attention kernels 1.2-1.3× and the
 weight-gradient products 1.24-1.64× (benchmarks/README.md). Split instead, each shard
 of the batch runs its forward and backward on one thread, in Python threads (torch
-releases the GIL inside its kernels); the step is then ~1.15× faster at 2 threads
-(benchmarks/bench_vs_official.py measures it against the official code).
+releases the GIL inside its kernels); the step was then 1.09-1.16× faster at 2 threads
+in paired runs (benchmarks/README.md; ``benchmarks/bench_train_options.py --threads 2``
+compares the two, benchmarks/bench_vs_official.py measures against the official code).
 
 The batch's random numbers are drawn once, before the split, in the order the
 whole-batch loss draws them (:class:`spheregen.interfaces.ShardableLoss`), so the shards
 compute the batch's loss and gradient: the same math, with the rounding of a different
 summation order (as a different thread count already gives). The trainer uses this for
-a method with the capability on a CPU with several intra-op threads, one process and no
-autocast or compile (``train.thread_shards``, :func:`use_thread_shards`).
+a method with the capability on a CPU with several intra-op threads, one process, no
+autocast or compile and at least :data:`MIN_SHARD_ROWS` rows a shard
+(``train.thread_shards``, :func:`use_thread_shards`).
 """
 
 from __future__ import annotations
@@ -81,10 +83,17 @@ def sharded_backward(method: ShardableLoss, params: list[torch.nn.Parameter], im
         grads = [g[i] for _, _, g in parts if g[i] is not None]
         if grads:
             total = functools.reduce(torch.add, grads)
-            p.grad = total if p.grad is None else p.grad.add_(total)
+            p.grad = _in_layout(total, p) if p.grad is None else p.grad.add_(total)
     loss = functools.reduce(torch.add, [part_loss for part_loss, _, _ in parts])
     keys = parts[0][1].keys()
     return loss, {k: sum(logs[k] for _, logs, _ in parts) for k in keys}
+
+
+def _in_layout(grad: Tensor, p: Tensor) -> Tensor:
+    """``grad`` with ``p``'s strides, as ``backward()`` leaves a gradient (autograd.grad
+    returns e.g. a transposed product as it came; torch's fused AdamW reads its buffers
+    by position and ignores strides)."""
+    return grad if grad.stride() == p.stride() else torch.empty_like(p).copy_(grad)
 
 
 def _shard(method: ShardableLoss, params: list[torch.nn.Parameter], images: Tensor, labels: Tensor | None,
@@ -98,13 +107,20 @@ def _shard(method: ShardableLoss, params: list[torch.nn.Parameter], images: Tens
     return loss.detach() * share, {k: float(v) * share for k, v in logs.items()}, grads
 
 
+# Rows a shard needs to pay off: the tiny Sphere Encoder's loss and backward at 2 threads,
+# whole / sharded, was 1.01 at 8 rows a shard (batch 16), 1.10 at 16 and 1.12 at 32
+# (benchmarks/bench_train_options.py --threads 2 --batch B, 16 paired rounds each).
+MIN_SHARD_ROWS = 16
+
+
 def use_thread_shards(enabled: bool, method: Any, device: torch.device, processes: int, mixed_precision: str,
-                      compiled: bool) -> int:
-    """How many thread shards the trainer uses: torch's intra-op thread count when
-    ``train.thread_shards`` is on, the method has :class:`ShardableLoss`, and the step
-    runs on a CPU in one process without autocast or compile (autocast is per thread;
-    a compiled step is one graph); else 0 (the whole batch on every thread)."""
+                      compiled: bool, rows: int) -> int:
+    """How many thread shards the trainer uses for micro-batches of ``rows``: torch's
+    intra-op thread count N when ``train.thread_shards`` is on, the method has
+    :class:`ShardableLoss`, the step runs on a CPU in one process without autocast or
+    compile (autocast is per thread; a compiled step is one graph) and each shard gets
+    at least :data:`MIN_SHARD_ROWS` rows; else 0 (the whole batch on the N threads)."""
     threads = torch.get_num_threads()
     usable = (enabled and isinstance(method, ShardableLoss) and device.type == "cpu" and processes == 1
-              and mixed_precision == "no" and not compiled)
+              and mixed_precision == "no" and not compiled and rows >= MIN_SHARD_ROWS * threads)
     return threads if usable and threads >= 2 else 0

@@ -477,6 +477,8 @@ class LabelEmbedder(nn.Module):
             labels = labels.to(device=device, dtype=torch.long)
             if labels.shape != (batch,):
                 raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+            if drop is not None and drop.shape != (batch,):
+                raise ValueError(f"drop must have shape ({batch},), got {tuple(drop.shape)}")
             drop = self.draw(batch, device) if drop is None else drop
             if drop is not None:
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)

@@ -98,22 +98,19 @@ class SphereEncoder(nn.Module):
         σ = r·σmax with r stratified (one 0, one 1) and hard cases mixed in, and
         σ_sub = r·s·0.5·σmax with the pre-mixing r and a second stratified s. ``draws``:
         :meth:`loss_draws`'s r, s, r_big and e (drawn here when None)."""
-        d = self._noise_draws(v.shape[0], v.device, v.dtype) if draws is None else draws
+        d = self._noise_draws(v.shape[0], v) if draws is None else draws
         e = d["e"].to(v.dtype)
         v_big = sphere.perturb(v, d["r_big"] * self.sigma_max, e)
         v_small = sphere.perturb(v, d["r"] * d["s"] * 0.5 * self.sigma_max, e)
         return v_big, v_small
 
-    def _noise_draws(self, b: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    def _noise_draws(self, b: int, like: Tensor) -> dict[str, Tensor]:
         """r, s (stratified over the batch), r_big (r with hard cases mixed in) and the
-        noise e, B×d×h×w in the encoder's token-major memory order (what
-        ``sphere.gaussian_like`` draws for its latents)."""
-        r = sphere.stratified_unit_radii(b, device=device)
-        s = sphere.stratified_unit_radii(b, device=device)
+        noise e = ``sphere.gaussian_like(like)`` (shape, dtype and memory order of ``like``)."""
+        r = sphere.stratified_unit_radii(b, device=like.device)
+        s = sphere.stratified_unit_radii(b, device=like.device)
         r_big = sphere.mix_hard_cases(r, self.cfg.hard_case_prob, self.cfg.noise_angle, self.cfg.hard_case_fix)
-        d, h, w = self.latent_shape
-        e = sphere.gaussian_like(torch.empty(b, h, w, d, device=device, dtype=dtype).permute(0, 3, 1, 2))
-        return {"r": r, "s": s, "r_big": r_big, "e": e}
+        return {"r": r, "s": s, "r_big": r_big, "e": sphere.gaussian_like(like)}
 
     def loss_draws(self, images: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
         """Every random number one :meth:`loss` call on this batch uses, drawn from the
@@ -129,9 +126,12 @@ class SphereEncoder(nn.Module):
         cfg, labels = self.cfg, self._labels(labels)
         embed = lambda net, n: None if labels is None else net.label_embed.draw(n, device)  # noqa: E731
         draws: dict[str, Tensor | None] = {"drop_e": embed(self.encoder, b)}
-        # Drawn in fp32 (fp64 for fp64 images) and cast to the latents' dtype where they
-        # are used: torch draws bf16 / fp16 normals as fp32 ones rounded, the same numbers.
-        draws.update(self._noise_draws(b, device, torch.promote_types(images.dtype, torch.float32)))
+        # The noise in the memory order of the encoder's latents (token-major: B×h×w×d),
+        # drawn in fp32 (fp64 for fp64 images) and cast to the latents' dtype where it is
+        # used: torch draws bf16 / fp16 normals as fp32 ones rounded, the same numbers.
+        d, h, w = self.latent_shape
+        dtype = torch.promote_types(images.dtype, torch.float32)
+        draws.update(self._noise_draws(b, torch.empty(b, h, w, d, device=device, dtype=dtype).permute(0, 3, 1, 2)))
         if cfg.pixel_consistency:
             both = embed(self.decoder, 2 * b)
             draws["drop_big"], draws["drop_small"] = (None, None) if both is None else both.chunk(2)

@@ -108,35 +108,84 @@ def test_sharded_backward_gives_the_batch_loss_and_gradient(options):
         assert torch.equal(q.grad, r.grad)  # deterministic for a shard count
 
 
-def test_sharded_backward_scales_and_accumulates_into_existing_grads():
+def test_sharded_backward_scales_accumulates_and_keeps_the_parameters_layout():
+    """scale × the batch's gradient, added to existing grads, in each parameter's strides
+    (autograd.grad returns the SwiGLU's w3 gradient transposed; torch's fused AdamW
+    ignores strides); the global RNG ends where the whole-batch step leaves it."""
     x, y = _batch(8)
-    model = _sphere_encoder()
+    whole, model = _sphere_encoder(), _sphere_encoder()
+    torch.manual_seed(0)
+    whole.loss(x, y)[0].backward()
+    after_whole = torch.rand(3)
     params = _params(model)
     pool = ThreadShards(2)
     try:
         torch.manual_seed(0)
-        sharded_backward(model, params, x, y, pool, scale=0.5)
+        sharded_backward(model, params, x, y, pool, scale=0.25)
+        assert torch.equal(torch.rand(3), after_whole)
         first = [p.grad.clone() for p in params]
         torch.manual_seed(0)
-        sharded_backward(model, params, x, y, pool, scale=0.5)
+        sharded_backward(model, params, x, y, pool, scale=0.25)
     finally:
         pool.close()
-    for p, g in zip(params, first):
+    for p, g, w in zip(params, first, _params(whole)):
+        assert p.grad.stride() == p.stride()
+        torch.testing.assert_close(g, 0.25 * w.grad, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(p.grad, 2 * g)
+
+
+@pytest.mark.parametrize("conditional, dropout", [(False, 0.1), (True, 0.0)])
+def test_unconditional_no_dropout_and_more_threads_than_rows(conditional, dropout):
+    x, y = _batch(3)
+    whole, sharded = (_sphere_encoder(label_dropout=dropout, conditional=conditional) for _ in range(2))
+    torch.manual_seed(2)
+    whole.loss(x, y)[0].backward()
+    pool = ThreadShards(4)  # 3 rows: three shards of one
+    try:
+        torch.manual_seed(2)
+        sharded_backward(sharded, _params(sharded), x, y, pool)
+    finally:
+        pool.close()
+    for p, q in zip(_params(whole), _params(sharded)):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_after_thread_shards_steps_as_after_the_whole_batch():
+    x, y = _batch(8)
+    whole, sharded = _sphere_encoder(), _sphere_encoder()
+    torch.manual_seed(0)
+    whole.loss(x, y)[0].backward()
+    pool = ThreadShards(2)
+    try:
+        torch.manual_seed(0)
+        sharded_backward(sharded, _params(sharded), x, y, pool)
+    finally:
+        pool.close()
+    for model in (whole, sharded):
+        torch.optim.AdamW(_params(model), lr=1e-2, fused=True).step()
+    for p, q in zip(_params(whole), _params(sharded)):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
 
 
 def test_thread_shards_apply_only_where_they_are_the_batchs_step(monkeypatch):
     model = _sphere_encoder()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert use_thread_shards(True, model, CPU, 1, "no", False) == 2
-    assert use_thread_shards(False, model, CPU, 1, "no", False) == 0  # train.thread_shards = false
-    assert use_thread_shards(True, torch.nn.Linear(2, 2), CPU, 1, "no", False) == 0  # no ShardableLoss
-    assert use_thread_shards(True, model, torch.device("cuda"), 1, "no", False) == 0
-    assert use_thread_shards(True, model, CPU, 2, "no", False) == 0  # processes: DDP all-reduces
-    assert use_thread_shards(True, model, CPU, 1, "bf16", False) == 0  # autocast is per thread
-    assert use_thread_shards(True, model, CPU, 1, "no", True) == 0  # a compiled step
+    assert use_thread_shards(True, model, CPU, 1, "no", False, 32) == 2
+    assert use_thread_shards(True, model, CPU, 1, "no", False, 31) == 0  # < 16 rows a shard
+    assert use_thread_shards(False, model, CPU, 1, "no", False, 64) == 0  # train.thread_shards = false
+    assert use_thread_shards(True, torch.nn.Linear(2, 2), CPU, 1, "no", False, 64) == 0  # no ShardableLoss
+    assert use_thread_shards(True, model, torch.device("cuda"), 1, "no", False, 64) == 0
+    assert use_thread_shards(True, model, CPU, 2, "no", False, 64) == 0  # processes: DDP all-reduces
+    assert use_thread_shards(True, model, CPU, 1, "bf16", False, 64) == 0  # autocast is per thread
+    assert use_thread_shards(True, model, CPU, 1, "no", True, 64) == 0  # a compiled step
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert use_thread_shards(True, model, CPU, 1, "no", False) == 0
+    assert use_thread_shards(True, model, CPU, 1, "no", False, 64) == 0
+
+
+def test_a_drop_mask_of_the_wrong_shape_is_refused():
+    model = _sphere_encoder()
+    with pytest.raises(ValueError, match=r"drop must have shape \(4,\)"):
+        model.encoder.label_embed(torch.zeros(4, dtype=torch.long), 4, torch.zeros(3, dtype=torch.bool))
 
 
 def test_the_trainer_shards_a_sphere_encoders_batch_over_its_threads(tiny_experiment, tmp_path, monkeypatch):
@@ -156,7 +205,8 @@ def test_the_trainer_shards_a_sphere_encoders_batch_over_its_threads(tiny_experi
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     finals = {}
     for flag in ("true", "false"):
-        ws = Workspace(load_experiment(tiny_experiment("", methods), ["train.steps=2", f"train.thread_shards={flag}"]),
+        overrides = ["train.steps=2", "train.batch_size=32", f"train.thread_shards={flag}"]
+        ws = Workspace(load_experiment(tiny_experiment("", methods), overrides),
                        tmp_path / flag / "runs", tmp_path / flag / "reports")
         finals[flag] = read_final(runner.train(ws, ws.exp.methods[0], progress=False).parent)[0]
         # two steps of two shards each with the option on, and no more calls with it off
